@@ -1,0 +1,2 @@
+"""advsemiseg-jax: Adversarial Learning for Semi-Supervised Semantic Segmentation in JAX."""
+__version__ = "0.1.0"

@@ -1,0 +1,82 @@
+"""The config schema: every field a user can set, with its default.
+
+Config files in ``configs/`` start from ``base_config()`` and override fields;
+the result is locked, so a misspelt ``--config.x.y=...`` fails at start-up.
+"""
+import ml_collections
+
+from advsemiseg_jax import optim
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.mode = "train"              # train | evaluate
+  c.seed = 0                    # model initialisation and data order
+  c.num_steps = 20000           # training iterations (the poly schedule's length)
+  c.init_from = ""              # checkpoint directory to start from ("" = none)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.backbone = "resnet101"  # resnet101 | resnet50 | tiny
+  c.model.width = 64              # channels of the stem (ResNet: 64)
+  c.model.aspp_branches = 4       # 4 = the paper; 2 = the authors' code (early return)
+  c.model.bn_mode = "batch_stats"  # batch_stats | frozen
+  c.model.dtype = "float32"       # compute dtype of S: float32 | bfloat16
+  c.model.discriminator = "fc"    # fc (the paper) | image ("no FCD" ablation)
+  c.model.disc_width = 64
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "demo"            # demo | voc | cityscapes
+  c.data.root = ""                # dataset folder (real datasets)
+  c.data.num_classes = 5
+  c.data.batch_size = 10          # global batch of each stream
+  c.data.crop_size = (321, 321)   # (height, width) of training crops
+  c.data.eval_size = (505, 505)   # evaluation pads bottom/right to this size
+  c.data.eval_batch_size = 1
+  c.data.labeled_fraction = 1.0   # first fraction of a seeded permutation is labeled
+  c.data.split_seed = 0           # seed of that permutation
+  c.data.random_scale = True      # scale by 0.5, 0.6, ..., 1.6
+  c.data.random_mirror = True
+  c.data.prefetch = 2
+  c.data.demo = ml_collections.ConfigDict()
+  c.data.demo.num_train = 400
+  c.data.demo.num_val = 100
+  c.data.demo.image_size = 96
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.lambda_adv = 0.01        # labeled adversarial weight
+  c.loss.lambda_semi_adv = 0.001  # unlabeled adversarial weight
+  c.loss.lambda_semi = 0.1        # masked self-training weight
+  c.loss.t_semi = 0.2             # D confidence threshold of the self-training mask
+  c.loss.semi_start = 5000        # L_semi from this step on
+  c.loss.semi_start_adv = 0       # unlabeled adversarial term from this step on
+  c.loss.d_remain = True          # D also sees the unlabeled predictions as fake
+  # The authors' code back-propagates nothing from the unlabeled batch in an
+  # iteration where no pixel passes T_semi (not even the adversarial term).
+  c.loss.skip_unlabeled_when_mask_empty = False
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr_g = 2.5e-4
+  c.optim.lr_d = 1e-4
+  c.optim.momentum = 0.9
+  c.optim.nesterov = True         # the paper; the authors' code uses False
+  c.optim.weight_decay = 1e-4     # the paper (Table 9); the code uses 5e-4
+  c.optim.power = 0.9             # poly decay exponent
+  c.optim.adam_b1 = 0.9
+  c.optim.adam_b2 = 0.99
+  c.optim.g_rules = optim.DEFAULT_G_RULES
+
+  c.eval_every = 1000             # steps between evaluations (0 = only at the end)
+  c.checkpoint_every = 1000
+  c.log_every = 50
+  c.max_to_keep = 3
+  return c
+
+
+def parse_variants(arg: str, known) -> set:
+  """``"baseline,quick"`` -> {"baseline", "quick"}; unknown names fail at once."""
+  variants = {v.strip() for v in (arg or "").split(",") if v.strip()}
+  unknown = variants - set(known)
+  if unknown:
+    raise ValueError(f"unknown config variant(s) {sorted(unknown)}; "
+                     f"this config knows {sorted(known)}")
+  return variants

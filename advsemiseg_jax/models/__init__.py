@@ -1,0 +1,40 @@
+"""Model builders from the ``model`` section of a config."""
+import jax.numpy as jnp
+
+from advsemiseg_jax.models.deeplab import (ASPP_DILATIONS, OUTPUT_STRIDE,
+                                           STAGE_SIZES, DeepLabV2,
+                                           upsample_logits)
+from advsemiseg_jax.models.discriminator import (FCDiscriminator,
+                                                 ImageDiscriminator,
+                                                 confidence_logits)
+from advsemiseg_jax.models.layers import resize_bilinear
+
+DISCRIMINATORS = {"fc": FCDiscriminator, "image": ImageDiscriminator}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def build_generator(model_config, num_classes: int) -> DeepLabV2:
+  """DeepLab-v2 from ``config.model`` (backbone, width, aspp_branches, bn_mode)."""
+  if model_config.backbone not in STAGE_SIZES:
+    raise ValueError(f"model.backbone must be one of {sorted(STAGE_SIZES)}, "
+                     f"got {model_config.backbone!r}")
+  return DeepLabV2(num_classes=num_classes,
+                   stage_sizes=STAGE_SIZES[model_config.backbone],
+                   width=model_config.width,
+                   aspp_branches=model_config.aspp_branches,
+                   bn_mode=model_config.bn_mode,
+                   dtype=DTYPES[model_config.dtype])
+
+
+def build_discriminator(model_config):
+  """The discriminator named by ``config.model.discriminator`` ('fc'|'image')."""
+  if model_config.discriminator not in DISCRIMINATORS:
+    raise ValueError(f"model.discriminator must be one of "
+                     f"{sorted(DISCRIMINATORS)}, got {model_config.discriminator!r}")
+  return DISCRIMINATORS[model_config.discriminator](width=model_config.disc_width)
+
+
+__all__ = ["ASPP_DILATIONS", "OUTPUT_STRIDE", "STAGE_SIZES", "DeepLabV2",
+           "FCDiscriminator", "ImageDiscriminator", "build_generator",
+           "build_discriminator", "confidence_logits", "resize_bilinear",
+           "upsample_logits"]

@@ -1,0 +1,59 @@
+"""The discriminators: fully convolutional (the paper's) and image-level (ablation)."""
+import flax.linen as nn
+import jax.numpy as jnp
+
+from advsemiseg_jax.models import layers
+
+NUM_DOWNSAMPLINGS = 5
+
+
+def _conv(features, name):
+  return nn.Conv(features, (4, 4), strides=2, padding=((1, 1), (1, 1)),
+                 use_bias=True, name=name)
+
+
+def _trunk(x, width):
+  """conv1..conv4 (4x4, stride 2, padding 1) with LeakyReLU(0.2).
+
+  Called inside a parent's compact method, so the parameters are named
+  conv1..conv4 at the top level, as in the authors' module.
+  """
+  x = x.astype(jnp.float32)
+  for i in range(4):
+    x = nn.leaky_relu(_conv(width * 2**i, f"conv{i + 1}")(x), 0.2)
+  return x
+
+
+class FCDiscriminator(nn.Module):
+  """Five 4x4 stride-2 convs (64/128/256/512/1), LeakyReLU 0.2, no norm.
+
+  Input: NHWC class-probability maps. Output: NHW1 logits at 1/32 of the
+  input (321 -> 10). ``confidence_logits`` upsamples them to the input size.
+  """
+  width: int = 64
+
+  @nn.compact
+  def __call__(self, probs):
+    x = _trunk(probs, self.width)
+    return _conv(1, "classifier")(x)
+
+
+class ImageDiscriminator(nn.Module):
+  """The paper's "no FCD" ablation: one image-level logit per image.
+
+  The classifier conv is replaced by a fully connected layer on the globally
+  averaged conv4 features (size-independent); the logit is returned as a
+  1x1 map, so upsampling broadcasts it to every pixel.
+  """
+  width: int = 64
+
+  @nn.compact
+  def __call__(self, probs):
+    x = _trunk(probs, self.width)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(1, name="classifier")(x)[:, None, None, :]
+
+
+def confidence_logits(d_out, size):
+  """D's output upsampled to ``size`` (align_corners=True), as NHW logits."""
+  return layers.resize_bilinear(d_out, size)[..., 0]

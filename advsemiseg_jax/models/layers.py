@@ -1,0 +1,84 @@
+"""Layer pieces shared by the generator and the discriminator.
+
+* ``resize_bilinear``: bilinear resizing with torch's ``align_corners=True``
+  semantics, written as two small matrix products (fast on GPU/TPU, and
+  differentiable without scatter ops).
+* ``max_pool_ceil``: torch's ``MaxPool2d(..., ceil_mode=True)``.
+* ``batch_norm``: the BatchNorm factory for the two BN modes of the paper's code.
+"""
+import functools
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+# torch's BatchNorm momentum 0.1 updates ``running = 0.9 * running + 0.1 * batch``,
+# which is Flax's momentum 0.9 (Flax's default 0.99 would be wrong here).
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+BN_MODES = ("batch_stats", "frozen")
+
+
+def align_corners_matrix(out_size: int, in_size: int) -> np.ndarray:
+  """(out_size, in_size) interpolation weights of 1-D linear resizing.
+
+  Output sample ``i`` sits at input coordinate ``i * (in - 1) / (out - 1)``
+  (torch's ``align_corners=True``); a size-1 output samples input 0.
+  """
+  if out_size == 1 or in_size == 1:
+    src = np.zeros((out_size,), np.float64)
+  else:
+    src = np.arange(out_size, dtype=np.float64) * (in_size - 1) / (out_size - 1)
+  lo = np.clip(np.floor(src).astype(np.int64), 0, in_size - 1)
+  hi = np.minimum(lo + 1, in_size - 1)
+  frac = src - lo
+  mat = np.zeros((out_size, in_size), np.float64)
+  rows = np.arange(out_size)
+  np.add.at(mat, (rows, lo), 1.0 - frac)
+  np.add.at(mat, (rows, hi), frac)
+  return mat.astype(np.float32)
+
+
+def resize_bilinear(x: jnp.ndarray, size) -> jnp.ndarray:
+  """Resizes NHWC ``x`` to ``size=(height, width)``, align_corners=True."""
+  out_h, out_w = int(size[0]), int(size[1])
+  _, in_h, in_w, _ = x.shape
+  if (in_h, in_w) == (out_h, out_w):
+    return x
+  mh = jnp.asarray(align_corners_matrix(out_h, in_h), x.dtype)
+  mw = jnp.asarray(align_corners_matrix(out_w, in_w), x.dtype)
+  x = jnp.einsum("oh,nhwc->nowc", mh, x)
+  return jnp.einsum("pw,nowc->nopc", mw, x)
+
+
+def ceil_pool_padding(size: int, window: int, stride: int, pad: int):
+  """(low, high) padding that makes a VALID pool equal torch's ceil_mode pool."""
+  out = -(-(size + 2 * pad - window) // stride) + 1
+  # torch drops a last window that would start inside the right padding only.
+  if (out - 1) * stride >= size + pad:
+    out -= 1
+  high = (out - 1) * stride + window - size - pad
+  return pad, max(high, 0)
+
+
+def max_pool_ceil(x: jnp.ndarray, window: int = 3, stride: int = 2, pad: int = 1):
+  """torch ``MaxPool2d(window, stride, padding=pad, ceil_mode=True)`` on NHWC."""
+  ph = ceil_pool_padding(x.shape[1], window, stride, pad)
+  pw = ceil_pool_padding(x.shape[2], window, stride, pad)
+  return nn.max_pool(x, (window, window), strides=(stride, stride),
+                     padding=(ph, pw))
+
+
+def batch_norm(bn_mode: str, train: bool, dtype=jnp.float32):
+  """BatchNorm as the authors' code runs it.
+
+  ``batch_stats``: batch statistics while training (running averages updated
+  with torch's momentum), running averages at evaluation.
+  ``frozen``: running averages always. In both modes the affine parameters are
+  frozen by the optimiser rules, not here.
+  """
+  if bn_mode not in BN_MODES:
+    raise ValueError(f"model.bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+  use_running = (not train) or bn_mode == "frozen"
+  return functools.partial(nn.BatchNorm, use_running_average=use_running,
+                           momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype)

@@ -1,0 +1,153 @@
+"""``train_and_evaluate(config, workdir)``: the training loop, periodic
+evaluation, checkpoints, metric writers and resume."""
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+
+from advsemiseg_jax import checkpoint, evaluate, metrics, models, optim, parallel
+from advsemiseg_jax.data import sources, splits, streams
+from advsemiseg_jax.step import (TrainState, make_train_step, uses_discriminator,
+                                 uses_unlabeled)
+from advsemiseg_jax.validate import validate_config
+
+
+def init_variables(config, generator, discriminator, num_classes, rng):
+  """Fresh variables of S and D (shapes do not depend on the input size)."""
+  g_rng, d_rng = jax.random.split(rng)
+  x = jnp.zeros((1, 33, 33, 3), jnp.float32)
+  g_vars = jax.jit(lambda r: generator.init(r, x, train=False))(g_rng)
+  p = jnp.zeros((1, 64, 64, num_classes), jnp.float32)
+  d_vars = jax.jit(lambda r: discriminator.init(r, p))(d_rng)
+  return g_vars, d_vars
+
+
+class Trainer:
+  """Everything built from a config: models, data, optimisers, compiled step."""
+
+  def __init__(self, config, workdir: str):
+    validate_config(config, workdir)
+    self.config, self.workdir = config, workdir
+    self.mesh = parallel.make_mesh()
+    parallel.check_batch(config.data.batch_size, self.mesh)
+    self.source = sources.get_source(config.data)
+    if self.source.num_classes != config.data.num_classes:
+      raise ValueError(f"data.num_classes={config.data.num_classes} but dataset "
+                       f"{self.source.name!r} has {self.source.num_classes} classes")
+    self.labeled_ids, self.unlabeled_ids = splits.labeled_split(
+        self.source.splits["train"].size, config.data.labeled_fraction,
+        config.data.split_seed)
+    if uses_unlabeled(config.loss) and len(self.unlabeled_ids) == 0:
+      raise ValueError("loss.lambda_semi or loss.lambda_semi_adv > 0 needs unlabeled "
+                       "images, but data.labeled_fraction=1 labels all of them; "
+                       "set both lambdas to 0 for a fully supervised run")
+    self.generator = models.build_generator(config.model, self.source.num_classes)
+    self.discriminator = models.build_discriminator(config.model)
+
+    rng = jax.random.PRNGKey(config.seed)
+    g_vars, d_vars = init_variables(config, self.generator, self.discriminator,
+                                    self.source.num_classes, rng)
+    g_tx, g_sched = optim.generator_optimizer(config.optim, g_vars["params"],
+                                              config.num_steps)
+    d_tx, d_sched = optim.discriminator_optimizer(config.optim, config.num_steps)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32), g_params=g_vars["params"],
+        g_batch_stats=g_vars["batch_stats"], d_params=d_vars["params"],
+        g_opt_state=g_tx.init(g_vars["params"]),
+        d_opt_state=d_tx.init(d_vars["params"]), rng=rng)
+    repl = parallel.replicated(self.mesh)
+    self.state = jax.device_put(state, repl)
+    step_fn = make_train_step(config.loss, self.generator, self.discriminator,
+                              g_tx, d_tx, g_sched, d_sched)
+    self.train_step = jax.jit(step_fn, in_shardings=(repl, parallel.batch_sharded(self.mesh)),
+                              out_shardings=(repl, repl), donate_argnums=(0,))
+    self.evaluator = evaluate.Evaluator(self.generator, self.source, config.data,
+                                        self.mesh)
+
+  def batches(self, start_step: int):
+    return streams.train_batches(
+        self.source, self.config.data, self.labeled_ids, self.unlabeled_ids,
+        self.config.seed, start_step,
+        with_unlabeled=uses_unlabeled(self.config.loss),
+        with_gt=uses_discriminator(self.config.loss))
+
+  def eval_variables(self, state):
+    return {"params": state.g_params, "batch_stats": state.g_batch_stats}
+
+  def evaluate(self, state, writer=None):
+    step = int(jax.device_get(state.step))
+    start = time.time()
+    results = self.evaluator(self.eval_variables(state))
+    results.update(step=step, dataset=self.source.name, split="val",
+                   protocol=f"pad to {tuple(self.config.data.eval_size)}",
+                   eval_seconds=round(time.time() - start, 2))
+    if jax.process_index() == 0:
+      evaluate.write_results(self.workdir, results)
+      logging.info("evaluation at step %d:\n%s", step,
+                   metrics.format_table(results))
+    if writer is not None:
+      writer.write_scalars(step, {"val/miou": results["miou"],
+                                  "val/pixel_accuracy": results["pixel_accuracy"]})
+      writer.write_scalars(step, {f"val_iou/{k}": v for k, v in
+                                  results["per_class_iou"].items() if v is not None})
+    return results
+
+
+def train_and_evaluate(config, workdir: str):
+  """Trains (resuming from ``workdir``'s latest checkpoint) and evaluates.
+
+  Returns the results of the last evaluation (also in ``workdir/results.json``).
+  With ``config.mode == "evaluate"`` it only evaluates the latest checkpoint.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  trainer = Trainer(config, workdir)
+  mngr = checkpoint.manager(workdir, config.max_to_keep)
+  restored = checkpoint.restore_latest(mngr, trainer.state)
+  state = trainer.state if restored is None else restored
+  start_step = int(jax.device_get(state.step))
+  if restored is not None:
+    logging.info("resumed from %s at step %d", mngr.directory, start_step)
+
+  if config.mode == "evaluate":
+    if restored is None:
+      raise FileNotFoundError(f"mode=evaluate but {mngr.directory} holds no checkpoint")
+    results = trainer.evaluate(state)
+    mngr.close()
+    return results
+
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0)
+  if start_step == 0:
+    writer.write_hparams({k: str(v) for k, v in config.to_dict().items()
+                          if not isinstance(v, dict)})
+  report = periodic_actions.ReportProgress(num_train_steps=config.num_steps,
+                                           writer=writer)
+  batches = trainer.batches(start_step)
+  pending = []
+  results = None
+  for step in range(start_step, config.num_steps):
+    batch = parallel.to_global(next(batches), trainer.mesh)
+    state, step_metrics = trainer.train_step(state, batch)
+    pending.append(step_metrics)
+    done = step + 1
+    report(done)
+    if done % config.log_every == 0 or done == config.num_steps:
+      averaged = jax.tree.map(lambda *xs: float(np.mean(xs)),
+                              *jax.device_get(pending))
+      writer.write_scalars(done, {f"train/{k}": v for k, v in averaged.items()})
+      pending = []
+    if config.eval_every and done % config.eval_every == 0 and done != config.num_steps:
+      results = trainer.evaluate(state, writer)
+    if done % config.checkpoint_every == 0 and done != config.num_steps:
+      checkpoint.save(mngr, state)
+  if start_step < config.num_steps or mngr.latest_step() != config.num_steps:
+    checkpoint.save(mngr, state, force=True)
+  results = trainer.evaluate(state, writer)
+  mngr.wait_until_finished()
+  mngr.close()
+  writer.flush()
+  return results

@@ -1,0 +1,64 @@
+"""Start-up checks of a config: fail in seconds with one clear line, before
+any compile or data read."""
+import os
+import tempfile
+
+from advsemiseg_jax.models import DISCRIMINATORS, STAGE_SIZES
+from advsemiseg_jax.models.discriminator import NUM_DOWNSAMPLINGS
+from advsemiseg_jax.models.layers import BN_MODES
+
+MODES = ("train", "evaluate")
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the field."""
+
+
+def _check(ok: bool, message: str):
+  if not ok:
+    raise ConfigError(message)
+
+
+def validate_config(config, workdir: str = None):
+  _check(config.mode in MODES, f"mode must be one of {MODES}, got {config.mode!r}")
+  m, d, l, o = config.model, config.data, config.loss, config.optim
+  _check(m.backbone in STAGE_SIZES,
+         f"model.backbone must be one of {sorted(STAGE_SIZES)}, got {m.backbone!r}")
+  _check(m.bn_mode in BN_MODES, f"model.bn_mode must be one of {BN_MODES}, got {m.bn_mode!r}")
+  _check(m.discriminator in DISCRIMINATORS,
+         f"model.discriminator must be one of {sorted(DISCRIMINATORS)}, got {m.discriminator!r}")
+  _check(m.aspp_branches in (1, 2, 3, 4), f"model.aspp_branches must be 1..4, got {m.aspp_branches}")
+  _check(m.width > 0 and m.disc_width > 0, "model.width and model.disc_width must be positive")
+  _check(config.num_steps > 0, f"num_steps must be positive, got {config.num_steps}")
+  _check(0.0 < d.labeled_fraction <= 1.0,
+         f"data.labeled_fraction must be in (0, 1], got {d.labeled_fraction}")
+  _check(0.0 <= l.t_semi <= 1.0, f"loss.t_semi must be in [0, 1], got {l.t_semi}")
+  for name in ("lambda_adv", "lambda_semi_adv", "lambda_semi"):
+    _check(l[name] >= 0, f"loss.{name} must be >= 0, got {l[name]}")
+  _check(0 <= l.semi_start <= config.num_steps,
+         f"loss.semi_start={l.semi_start} is beyond num_steps={config.num_steps}: "
+         "L_semi would never switch on")
+  _check(0 <= l.semi_start_adv <= config.num_steps,
+         f"loss.semi_start_adv={l.semi_start_adv} is beyond num_steps={config.num_steps}")
+  min_size = 2**NUM_DOWNSAMPLINGS
+  crop = tuple(d.crop_size)
+  _check(len(crop) == 2 and min(crop) >= min_size,
+         f"data.crop_size={crop}: both sides must be >= {min_size} "
+         f"(the discriminator downsamples by {min_size})")
+  _check(len(tuple(d.eval_size)) == 2 and min(d.eval_size) >= 8,
+         f"data.eval_size={tuple(d.eval_size)} must be (height, width) >= 8")
+  _check(d.batch_size > 0 and d.eval_batch_size > 0, "data batch sizes must be positive")
+  _check(o.lr_g >= 0 and o.lr_d >= 0 and o.weight_decay >= 0,
+         "optim learning rates and weight decay must be >= 0")
+  for name in ("eval_every", "checkpoint_every", "log_every"):
+    _check(config[name] >= 0, f"{name} must be >= 0")
+  _check(config.checkpoint_every > 0 and config.log_every > 0,
+         "checkpoint_every and log_every must be positive")
+  _check(config.max_to_keep >= 1, "max_to_keep must be >= 1")
+  if workdir is not None:
+    try:
+      os.makedirs(workdir, exist_ok=True)
+      with tempfile.NamedTemporaryFile(dir=workdir):
+        pass
+    except OSError as e:
+      raise ConfigError(f"workdir {workdir!r} cannot be written: {e}") from e

@@ -1,0 +1,47 @@
+"""advsemiseg-jax entry point.
+
+  python main.py --config=configs/demo.py --workdir=/tmp/demo
+  python main.py --config=configs/demo.py:baseline --workdir=/tmp/base
+  python main.py --config=configs/demo.py --workdir=/tmp/demo --config.mode=evaluate
+
+Any config field can be overridden: --config.optim.lr_g=1e-3.
+"""
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (path[:variants]).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def quiet_library_logs():
+  """Keeps the console to our progress lines: library INFO chatter (Orbax's
+  per-save messages) is dropped, its warnings and errors are kept."""
+  import logging as std_logging
+
+  class _Filter(std_logging.Filter):
+    def filter(self, record):
+      return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+
+  logging.get_absl_handler().addFilter(_Filter())
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  import tensorflow as tf
+  tf.config.set_visible_devices([], "GPU")  # tf.data only; leave GPUs to JAX.
+  from advsemiseg_jax import train
+  from advsemiseg_jax.validate import ConfigError
+  logging.set_verbosity(logging.INFO)
+  quiet_library_logs()
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except ConfigError as e:
+    raise SystemExit(f"config error: {e}") from None
+
+
+if __name__ == "__main__":
+  app.run(main)
