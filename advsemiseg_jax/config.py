@@ -80,3 +80,16 @@ def parse_variants(arg: str, known) -> set:
     raise ValueError(f"unknown config variant(s) {sorted(unknown)}; "
                      f"this config knows {sorted(known)}")
   return variants
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """``"configs/demo.py:baseline,quick"`` -> the locked ConfigDict, as main.py
+  would build it (for tests, notebooks and scripts)."""
+  import importlib.util
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_advsemiseg_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  config.lock()
+  return config

@@ -4,13 +4,16 @@
   semantics, written as two small matrix products (fast on GPU/TPU, and
   differentiable without scatter ops).
 * ``max_pool_ceil``: torch's ``MaxPool2d(..., ceil_mode=True)``.
-* ``batch_norm``: the BatchNorm factory for the two BN modes of the paper's code.
+* ``BatchNorm``/``batch_norm``: torch-equivalent BatchNorm and the factory for
+  the two BN modes of the paper's code.
 """
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 # torch's BatchNorm momentum 0.1 updates ``running = 0.9 * running + 0.1 * batch``,
 # which is Flax's momentum 0.9 (Flax's default 0.99 would be wrong here).
@@ -69,6 +72,41 @@ def max_pool_ceil(x: jnp.ndarray, window: int = 3, stride: int = 2, pad: int = 1
                      padding=(ph, pw))
 
 
+class BatchNorm(nn.Module):
+  """torch-equivalent BatchNorm over NHWC (statistics over N, H, W).
+
+  Normalises with the biased batch variance (or the running averages) and,
+  like torch, updates the running variance with the UNBIASED batch variance:
+  ``running = momentum * running + (1 - momentum) * batch``. Variables are
+  named like Flax's: params ``scale``/``bias``, batch_stats ``mean``/``var``.
+  """
+  use_running_average: bool = False
+  momentum: float = BN_MOMENTUM
+  epsilon: float = BN_EPSILON
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      xf = x.astype(jnp.float32)
+      mean = jnp.mean(xf, axis=(0, 1, 2))
+      var = jnp.maximum(jnp.mean(jnp.square(xf), axis=(0, 1, 2)) - jnp.square(mean), 0.0)
+      if not self.is_initializing():
+        n = x.size // c
+        m = self.momentum
+        ra_mean.value = m * ra_mean.value + (1 - m) * mean
+        ra_var.value = m * ra_var.value + (1 - m) * var * (n / max(n - 1, 1))
+    mul = scale * lax.rsqrt(var + self.epsilon)
+    return (x * mul.astype(x.dtype) + (bias - mean * mul).astype(x.dtype))
+
+
 def batch_norm(bn_mode: str, train: bool, dtype=jnp.float32):
   """BatchNorm as the authors' code runs it.
 
@@ -80,5 +118,4 @@ def batch_norm(bn_mode: str, train: bool, dtype=jnp.float32):
   if bn_mode not in BN_MODES:
     raise ValueError(f"model.bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
   use_running = (not train) or bn_mode == "frozen"
-  return functools.partial(nn.BatchNorm, use_running_average=use_running,
-                           momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype)
+  return functools.partial(BatchNorm, use_running_average=use_running, dtype=dtype)
