@@ -25,7 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.disc_width = 64
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = "demo"            # demo | voc | cityscapes
+  c.data.name = "demo"            # demo | voc | cityscapes | tfds | folder
   c.data.root = ""                # dataset folder (real datasets)
   c.data.num_classes = 5
   c.data.batch_size = 10          # global batch of each stream
@@ -37,6 +37,26 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.random_scale = True      # scale by 0.5, 0.6, ..., 1.6
   c.data.random_mirror = True
   c.data.prefetch = 2
+  c.data.train_list = ""          # list file of training examples ("" = the dataset's default)
+  c.data.val_list = ""            # list file of val examples ("" = the dataset's default)
+  c.data.image_dir = "images"     # folder: images of one-name list lines (ROOT/image_dir/NAME.*)
+  c.data.label_dir = "labels"     # folder: labels of one-name list lines (ROOT/label_dir/NAME.png)
+  c.data.class_names = ()         # folder/tfds: class names (default class_0, class_1, ...)
+  c.data.label_map = ""           # raw label remapping "SRC:DST,..." (e.g. "11:255") or "cityscapes"
+  c.data.resize = ()              # (h, w): resize training images on read (Cityscapes 512x1024); () = native
+  c.data.eval_resize = ()         # (h, w): resize val images on read; () = native (full resolution)
+  c.data.val_limit = 0            # use only the first N val examples (0 = all; quick runs)
+  c.data.cache = "auto"           # auto | memory | none: decoded examples in memory (auto: if < half free RAM)
+  c.data.skip_bad_files = False   # drop unreadable/invalid examples (counted, logged) instead of failing
+  c.data.threads = 0              # tf.data and decode threads (0 = all cores)
+  c.data.gt_rescale = True        # GT stream: rescale until no padding is needed (authors' VOCGTDataSet)
+  c.data.split_file = ""          # reload a split: our split.json, a text file of ids, or an index .pkl/.npy/.json
+  c.data.tfds = ml_collections.ConfigDict()
+  c.data.tfds.name = ""           # e.g. oxford_iiit_pet, cityscapes/semantic_segmentation (data.root = data_dir)
+  c.data.tfds.train_split = "train"       # TFDS split trained on
+  c.data.tfds.val_split = "validation"    # TFDS split evaluated on
+  c.data.tfds.image_key = "image"  # name of the image feature
+  c.data.tfds.label_key = "segmentation_mask"  # name of the mask feature (HxW or HxWx1)
   c.data.demo = ml_collections.ConfigDict()
   c.data.demo.num_train = 400
   c.data.demo.num_val = 100

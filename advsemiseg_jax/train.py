@@ -38,9 +38,8 @@ class Trainer:
     if self.source.num_classes != config.data.num_classes:
       raise ValueError(f"data.num_classes={config.data.num_classes} but dataset "
                        f"{self.source.name!r} has {self.source.num_classes} classes")
-    self.labeled_ids, self.unlabeled_ids = splits.labeled_split(
-        self.source.splits["train"].size, config.data.labeled_fraction,
-        config.data.split_seed)
+    self.labeled_ids, self.unlabeled_ids = splits.make_split(
+        self.source.splits["train"], config.data, workdir, self.source.name)
     if uses_unlabeled(config.loss) and len(self.unlabeled_ids) == 0:
       raise ValueError("loss.lambda_semi or loss.lambda_semi_adv > 0 needs unlabeled "
                        "images, but data.labeled_fraction=1 labels all of them; "

@@ -96,3 +96,59 @@ def eval_preprocess(image, label, size):
   image, label = pad_to_at_least(normalize(image), tf.cast(label, tf.int32), size)
   return (tf.ensure_shape(image[:size[0], :size[1]], (size[0], size[1], 3)),
           tf.ensure_shape(label[:size[0], :size[1]], (size[0], size[1])))
+
+
+def resize_fixed(image, label, size):
+  """Resizes a uint8 example to exactly ``size`` = (h, w), keeping uint8.
+
+  Image bilinear with half-pixel centres (OpenCV's INTER_LINEAR, no
+  antialiasing), rounded back to uint8 as ``cv2.resize`` does; label nearest.
+  The Cityscapes setting resizes every image to (512, 1024) this way.
+  """
+  image, label = resize(tf.cast(image, tf.float32), label, size)
+  image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+  return (tf.ensure_shape(image, (size[0], size[1], 3)),
+          tf.ensure_shape(tf.cast(label, tf.uint8), (size[0], size[1])))
+
+
+def gt_rescale_size(hw, seed, crop_size, scale: bool, tries: int = 10):
+  """The size the authors' GT stream (VOCGTDataSet) rescales an image to.
+
+  Their loop: up to ``tries`` times, optionally rescale by a factor from
+  ``SCALES`` (the factors compound: each try rescales the previous result),
+  and stop as soon as no padding to ``crop_size`` is needed; if every try
+  needs padding, resize to ``crop_size`` instead. Without ``scale`` that is:
+  keep the size if it fits, else resize to the crop. Returns int32 (h, w).
+  """
+  crop = tf.constant(crop_size, tf.int32)
+  factors = tf.gather(tf.constant(SCALES, tf.float32),
+                      tf.random.stateless_uniform([tries], seed, 0, len(SCALES),
+                                                  dtype=tf.int32))
+  cur = tf.cast(hw, tf.int32)
+  final, found = crop, tf.constant(False)
+  for i in range(tries):
+    if scale:
+      cur = tf.cast(tf.cast(cur, tf.float32) * factors[i] + 0.5, tf.int32)
+    fits = tf.reduce_all(cur >= crop)
+    final = tf.where(tf.logical_and(fits, tf.logical_not(found)), cur, final)
+    found = tf.logical_or(found, fits)
+  return final
+
+
+def gt_augment(image, label, seed, crop_size, scale: bool, mirror: bool):
+  """The authors' augmentation of the ground-truth stream for D.
+
+  Rescale until no padding is needed (``gt_rescale_size``; one resize from
+  the original to the final size rather than the authors' repeated resizes:
+  the same geometry with one interpolation), normalise, random crop, optional
+  mirror. Returns float32 image and int32 label like ``train_augment``.
+  """
+  seeds = split_seed(seed, 3)
+  size = gt_rescale_size(tf.shape(image)[:2], seeds[0], crop_size, scale)
+  image, label = resize(tf.cast(image, tf.float32), tf.cast(label, tf.int32), size)
+  image = image - tf.constant(RGB_MEAN, tf.float32)
+  image, label = pad_to_at_least(image, label, crop_size)
+  image, label = random_crop(image, label, seeds[1], crop_size)
+  if mirror:
+    image, label = random_mirror(image, label, seeds[2])
+  return image, label

@@ -17,6 +17,16 @@ from advsemiseg_jax.data import ops
 STREAM_IDS = {"labeled": 1, "unlabeled": 2, "gt": 3}
 
 
+def with_options(ds, data_config):
+  """Sizes tf.data's own thread pool (``data.threads``, 0 = all cores) and
+  keeps each op single-threaded, so input work does not fight XLA's threads."""
+  opts = tf.data.Options()
+  if data_config.threads:
+    opts.threading.private_threadpool_size = data_config.threads
+  opts.threading.max_intra_op_parallelism = 1
+  return ds.with_options(opts)
+
+
 def _host_slice(global_batch: int):
   n = jax.process_count()
   if global_batch % n:
@@ -34,8 +44,14 @@ def _element_indices(start_step: int, global_batch: int):
 
 
 def _example_stream(split, ids, seed: int, stream: str, start_step: int,
-                    global_batch: int, crop_size, scale: bool, mirror: bool):
-  """Augmented examples of ``ids``, reshuffled every epoch."""
+                    global_batch: int, crop_size, scale: bool, mirror: bool,
+                    gt_rescale: bool = False):
+  """Augmented examples of ``ids``, reshuffled every epoch.
+
+  The GT stream uses the authors' "rescale until no padding" rule when
+  ``gt_rescale``; the others pad and crop (``ops.train_augment``).
+  """
+  augment = ops.gt_augment if stream == "gt" and gt_rescale else ops.train_augment
   ids_t = tf.constant(np.asarray(ids, np.int64))
   n = len(ids)
   base = tf.constant([seed, STREAM_IDS[stream]], tf.int64)
@@ -46,8 +62,8 @@ def _example_stream(split, ids, seed: int, stream: str, start_step: int,
                                                     epoch_seed)
     example = split.load(tf.gather(ids_t, perm[e % n]))
     aug_seed = tf.stack([base[0] * 1000 + base[1], e + (1 << 40)])
-    return ops.train_augment(example["image"], example["label"], aug_seed,
-                             crop_size, scale, mirror)
+    return augment(example["image"], example["label"], aug_seed, crop_size, scale,
+                   mirror)
 
   return _element_indices(start_step, global_batch).map(
       load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -70,7 +86,8 @@ def train_batches(source, data_config, labeled_ids, unlabeled_ids, seed: int,
   if with_unlabeled:
     parts["unlabeled"] = _example_stream(split, unlabeled_ids, seed, "unlabeled", **kw)
   if with_gt:
-    parts["gt"] = _example_stream(split, labeled_ids, seed, "gt", **kw)
+    parts["gt"] = _example_stream(split, labeled_ids, seed, "gt",
+                                  gt_rescale=data_config.gt_rescale, **kw)
 
   def merge(d):
     out = {"image": d["labeled"][0], "label": d["labeled"][1]}
@@ -81,7 +98,7 @@ def train_batches(source, data_config, labeled_ids, unlabeled_ids, seed: int,
     return out
 
   ds = tf.data.Dataset.zip(parts).batch(local, drop_remainder=True).map(merge)
-  return ds.prefetch(data_config.prefetch).as_numpy_iterator()
+  return with_options(ds, data_config).prefetch(data_config.prefetch).as_numpy_iterator()
 
 
 def eval_batches(source, data_config, split_name: str = "val"):
@@ -106,4 +123,5 @@ def eval_batches(source, data_config, split_name: str = "val"):
   idx = tf.data.Dataset.range(num_batches).flat_map(lambda b: tf.data.Dataset.range(
       b * gb + offset, b * gb + offset + local))
   ds = idx.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return ds.batch(local).prefetch(data_config.prefetch).as_numpy_iterator()
+  ds = with_options(ds.batch(local), data_config)
+  return ds.prefetch(data_config.prefetch).as_numpy_iterator()
