@@ -38,3 +38,11 @@ def to_global(batch, mesh):
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
       batch)
+
+
+def jit_train_step(step_fn, mesh):
+  """``step_fn(state, batch)`` jitted over ``mesh``: state replicated and
+  donated, batch split on ``data``, measurements replicated."""
+  repl = replicated(mesh)
+  return jax.jit(step_fn, in_shardings=(repl, batch_sharded(mesh)),
+                 out_shardings=(repl, repl), donate_argnums=(0,))

@@ -26,6 +26,25 @@ def init_variables(config, generator, discriminator, num_classes, rng):
   return g_vars, d_vars
 
 
+def build_training(config, num_classes: int):
+  """(generator, discriminator, initial TrainState, un-jitted train_step)."""
+  generator = models.build_generator(config.model, num_classes)
+  discriminator = models.build_discriminator(config.model)
+  rng = jax.random.PRNGKey(config.seed)
+  g_vars, d_vars = init_variables(config, generator, discriminator, num_classes, rng)
+  g_tx, g_sched = optim.generator_optimizer(config.optim, g_vars["params"],
+                                            config.num_steps)
+  d_tx, d_sched = optim.discriminator_optimizer(config.optim, config.num_steps)
+  state = TrainState(
+      step=jnp.zeros((), jnp.int32), g_params=g_vars["params"],
+      g_batch_stats=g_vars["batch_stats"], d_params=d_vars["params"],
+      g_opt_state=g_tx.init(g_vars["params"]),
+      d_opt_state=d_tx.init(d_vars["params"]), rng=rng)
+  step_fn = make_train_step(config.loss, generator, discriminator, g_tx, d_tx,
+                            g_sched, d_sched)
+  return generator, discriminator, state, step_fn
+
+
 class Trainer:
   """Everything built from a config: models, data, optimisers, compiled step."""
 
@@ -44,26 +63,10 @@ class Trainer:
       raise ValueError("loss.lambda_semi or loss.lambda_semi_adv > 0 needs unlabeled "
                        "images, but data.labeled_fraction=1 labels all of them; "
                        "set both lambdas to 0 for a fully supervised run")
-    self.generator = models.build_generator(config.model, self.source.num_classes)
-    self.discriminator = models.build_discriminator(config.model)
-
-    rng = jax.random.PRNGKey(config.seed)
-    g_vars, d_vars = init_variables(config, self.generator, self.discriminator,
-                                    self.source.num_classes, rng)
-    g_tx, g_sched = optim.generator_optimizer(config.optim, g_vars["params"],
-                                              config.num_steps)
-    d_tx, d_sched = optim.discriminator_optimizer(config.optim, config.num_steps)
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32), g_params=g_vars["params"],
-        g_batch_stats=g_vars["batch_stats"], d_params=d_vars["params"],
-        g_opt_state=g_tx.init(g_vars["params"]),
-        d_opt_state=d_tx.init(d_vars["params"]), rng=rng)
-    repl = parallel.replicated(self.mesh)
-    self.state = jax.device_put(state, repl)
-    step_fn = make_train_step(config.loss, self.generator, self.discriminator,
-                              g_tx, d_tx, g_sched, d_sched)
-    self.train_step = jax.jit(step_fn, in_shardings=(repl, parallel.batch_sharded(self.mesh)),
-                              out_shardings=(repl, repl), donate_argnums=(0,))
+    self.generator, self.discriminator, state, step_fn = build_training(
+        config, self.source.num_classes)
+    self.state = jax.device_put(state, parallel.replicated(self.mesh))
+    self.train_step = parallel.jit_train_step(step_fn, self.mesh)
     self.evaluator = evaluate.Evaluator(self.generator, self.source, config.data,
                                         self.mesh)
 

@@ -1,0 +1,111 @@
+"""Optimiser rules: coverage, 10x head, frozen BN, weight decay, schedules."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from advsemiseg_jax import optim
+from advsemiseg_jax.config import base_config
+from advsemiseg_jax.models import DeepLabV2
+
+
+@pytest.fixture(scope="module")
+def params():
+  model = DeepLabV2(num_classes=3, stage_sizes=(1, 1, 1, 1), width=4)
+  return model.init(jax.random.key(0), jnp.zeros((1, 33, 33, 3)))["params"]
+
+
+def _cfg(**kw):
+  c = base_config().optim
+  c.update(kw)
+  return c
+
+
+def test_every_parameter_is_covered_and_labels_are_right(params):
+  labels = optim.param_paths(optim.rule_labels(params, optim.DEFAULT_G_RULES))
+  assert labels["layer1_0/bn1/scale"] == "rule0"
+  assert labels["layer1_0/downsample_bn/bias"] == "rule0"
+  assert labels["bn1/scale"] == "rule0"
+  assert labels["layer5/conv2d_list_3/bias"] == "rule1"
+  assert labels["layer2_0/conv2/kernel"] == "rule2"
+  assert labels["layer2_0/downsample_conv/kernel"] == "rule2"
+  assert set(labels.values()) == {"rule0", "rule1", "rule2"}
+
+
+def test_uncovered_parameter_and_unused_rule_fail(params):
+  with pytest.raises(ValueError, match="cover no rule"):
+    optim.rule_labels(params, ((r"^layer5/", 10.0, True),))
+  with pytest.raises(ValueError, match="match no parameter"):
+    optim.rule_labels(params, optim.DEFAULT_G_RULES[:2] + ((r"^nothing/", 1.0, True),)
+                      + optim.DEFAULT_G_RULES[2:])
+
+
+def test_first_update_lr_head_bn_and_weight_decay(params):
+  cfg = _cfg(lr_g=0.1, weight_decay=0.01, nesterov=False)
+  tx, _ = optim.generator_optimizer(cfg, params, num_steps=100)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  flat_u, flat_p = optim.param_paths(updates), optim.param_paths(params)
+  # First step: buffer = g + wd * p, update = -lr * buffer.
+  k = "layer2_0/conv2/kernel"
+  np.testing.assert_allclose(flat_u[k], -0.1 * (1 + 0.01 * flat_p[k]), rtol=1e-6)
+  k = "layer5/conv2d_list_0/kernel"
+  np.testing.assert_allclose(flat_u[k], -1.0 * (1 + 0.01 * flat_p[k]), rtol=1e-6)
+  for k in ("bn1/scale", "layer1_0/bn3/bias", "layer4_0/downsample_bn/scale"):
+    assert np.all(np.asarray(flat_u[k]) == 0)
+
+
+def test_weight_decay_mask(params):
+  rules = ((r"(^|/)(bn\d|downsample_bn)/", 0.0, False), (r"/bias$", 1.0, False),
+           (r".*", 1.0, True))
+  cfg = _cfg(lr_g=1.0, weight_decay=0.5, nesterov=False, g_rules=rules)
+  tx, _ = optim.generator_optimizer(cfg, params, num_steps=10)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  flat_u = optim.param_paths(tx.update(zeros, tx.init(params), params)[0])
+  flat_p = optim.param_paths(params)
+  assert np.all(np.asarray(flat_u["layer5/conv2d_list_0/bias"]) == 0)
+  np.testing.assert_allclose(flat_u["layer5/conv2d_list_0/kernel"],
+                             -0.5 * flat_p["layer5/conv2d_list_0/kernel"], rtol=1e-6)
+
+
+def test_momentum_and_nesterov_match_torch_formulas():
+  p = {"w": jnp.array([1.0, -2.0])}
+  rules = ((r".*", 1.0, True),)
+  g1, g2 = jnp.array([0.5, 1.0]), jnp.array([-1.0, 0.25])
+  for nesterov in (False, True):
+    cfg = _cfg(lr_g=0.1, weight_decay=0.1, nesterov=nesterov, power=0.0, g_rules=rules)
+    tx, _ = optim.generator_optimizer(cfg, p, num_steps=10)
+    state, params = tx.init(p), p
+    # torch.optim.SGD by hand.
+    w, buf = np.array([1.0, -2.0]), None
+    for g in (g1, g2):
+      upd, state = tx.update({"w": g}, state, params)
+      params = optax.apply_updates(params, upd)
+      d = np.asarray(g) + 0.1 * w
+      buf = d if buf is None else 0.9 * buf + d
+      w = w - 0.1 * (d + 0.9 * buf if nesterov else buf)
+      np.testing.assert_allclose(params["w"], w, rtol=1e-6)
+
+
+def test_poly_schedules():
+  s = optim.poly_schedule(2.5e-4, 1000, 0.9)
+  assert s(0) == pytest.approx(2.5e-4)
+  assert s(500) == pytest.approx(2.5e-4 * 0.5**0.9, rel=1e-5)
+  assert s(1000) == pytest.approx(0.0)
+  _, sched = optim.discriminator_optimizer(_cfg(lr_d=1e-4), 100)
+  assert sched(10) == pytest.approx(1e-4 * 0.9**0.9, rel=1e-5)
+
+
+def test_adam_matches_torch_betas():
+  p = {"w": jnp.array([1.0])}
+  tx, _ = optim.discriminator_optimizer(_cfg(lr_d=0.1, power=0.0), 10)
+  state = tx.init(p)
+  upd, state = tx.update({"w": jnp.array([2.0])}, state, p)
+  # First Adam step: m_hat = g, v_hat = g^2 -> update = -lr * g / (|g| + eps).
+  np.testing.assert_allclose(upd["w"], [-0.1 * 2 / (2 + 1e-8)], rtol=1e-6)
+  upd, state = tx.update({"w": jnp.array([1.0])}, state, p)
+  m = (0.1 * 2 * 0.9 + 0.1 * 1) / (1 - 0.9**2)
+  v = (0.01 * 4 * 0.99 + 0.01 * 1) / (1 - 0.99**2)
+  np.testing.assert_allclose(upd["w"], [-0.1 * m / (np.sqrt(v) + 1e-8)], rtol=1e-5)

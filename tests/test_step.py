@@ -1,0 +1,139 @@
+"""The train step: learning, semi gating without recompiling, sharding."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from advsemiseg_jax import parallel
+from advsemiseg_jax.data import demo
+from advsemiseg_jax.data.ops import RGB_MEAN
+from advsemiseg_jax.train import build_training
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def fixed_batch(n=4, size=64):
+  images, labels = demo.scenes(7, 0, 2 * n, size)
+  images = images.astype(np.float32) - np.array(RGB_MEAN, np.float32)
+  return {"image": images[:n], "label": labels[:n].astype(np.int32),
+          "unlabeled_image": images[n:], "gt_label": labels[n:].astype(np.int32)}
+
+
+def _setup(config):
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  _, _, state, step_fn = build_training(config, config.data.num_classes)
+  return mesh, jax.device_put(state, parallel.replicated(mesh)), parallel.jit_train_step(step_fn, mesh)
+
+
+def test_loss_falls_on_a_fixed_batch(quick_config):
+  quick_config.optim.lr_g = 0.01
+  quick_config.num_steps = 1000
+  mesh, state, step = _setup(quick_config)
+  batch = parallel.to_global(fixed_batch(), mesh)
+  losses = []
+  for _ in range(12):
+    state, m = step(state, batch)
+    losses.append(float(m["loss_ce"]))
+  assert all(np.isfinite(losses))
+  assert np.mean(losses[-3:]) < 0.6 * losses[0], losses
+  m = jax.device_get(m)
+  for key in ("loss_ce", "loss_adv", "loss_semi_adv", "loss_semi", "loss_d", "semi_ratio",
+              "d_acc_real", "d_acc_fake", "lr_g", "lr_d"):
+    assert key in m and np.isfinite(m[key]), key
+
+
+def _params_after(config, steps, batch):
+  mesh, state, step = _setup(config)
+  batch = parallel.to_global(batch, mesh)
+  history = []
+  for _ in range(steps):
+    state, metrics = step(state, batch)
+    history.append(jax.device_get(state.g_params))
+  return history, step
+
+
+def test_semi_switches_on_at_semi_start_without_recompiling(quick_config):
+  quick_config.loss.semi_start = 2
+  quick_config.loss.t_semi = 0.0          # keep every pixel: L_semi surely non-zero
+  batch = fixed_batch()
+  with_semi, step = _params_after(quick_config, 4, batch)
+  assert step._cache_size() == 1          # one compilation for all four steps
+  quick_config.loss.lambda_semi = 0.0     # same run without L_semi (adv terms kept)
+  quick_config.loss.lambda_semi_adv = 0.001
+  without, _ = _params_after(quick_config, 4, batch)
+  same = lambda a, b: all(np.array_equal(x, y) for x, y in
+                          zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert same(with_semi[0], without[0]) and same(with_semi[1], without[1])
+  assert not same(with_semi[2], without[2])
+
+
+def test_skip_unlabeled_when_mask_empty(quick_config):
+  quick_config.loss.semi_start = 0
+  quick_config.loss.t_semi = 1.0          # sigmoid never reaches 1: empty mask
+  quick_config.loss.lambda_semi_adv = 0.5
+  quick_config.loss.skip_unlabeled_when_mask_empty = True
+  batch = fixed_batch()
+  skipped, _ = _params_after(quick_config, 1, batch)
+  quick_config.loss.lambda_semi_adv = 0.0
+  quick_config.loss.lambda_semi = 0.0
+  quick_config.loss.lambda_adv = 0.01
+  quick_config.loss.skip_unlabeled_when_mask_empty = False
+  # Not identical as a whole (D's real/fake batch differs), but S's update is
+  # that of the labeled terms alone.
+  labeled_only, _ = _params_after(quick_config, 1, batch)
+  for x, y in zip(jax.tree.leaves(skipped[0]), jax.tree.leaves(labeled_only[0])):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+
+
+def test_baseline_has_no_discriminator_terms(quick_config):
+  quick_config.loss.lambda_adv = quick_config.loss.lambda_semi = 0.0
+  quick_config.loss.lambda_semi_adv = 0.0
+  mesh, state, step = _setup(quick_config)
+  b = fixed_batch()
+  batch = parallel.to_global({"image": b["image"], "label": b["label"]}, mesh)
+  d_before = jax.device_get(state.d_params)
+  state, m = step(state, batch)
+  assert set(m) == {"loss_ce", "loss_g", "lr_g"}
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.d_params), d_before)
+
+
+SHARDED_SCRIPT = textwrap.dedent("""
+    import jax, numpy as np, sys
+    sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+    from advsemiseg_jax import parallel
+    from advsemiseg_jax.config import load_config
+    from advsemiseg_jax.train import build_training
+    from test_step import fixed_batch
+    assert jax.device_count() == 8, jax.devices()
+    config = load_config({root!r} + "/configs/demo.py:quick")
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+      mesh = parallel.make_mesh(devices)
+      _, _, state, step_fn = build_training(config, config.data.num_classes)
+      state = jax.device_put(state, parallel.replicated(mesh))
+      step = parallel.jit_train_step(step_fn, mesh)
+      batch = parallel.to_global(fixed_batch(n=8), mesh)
+      for _ in range(2):
+        state, metrics = step(state, batch)
+      results.append(jax.device_get((state, metrics)))
+    (s1, m1), (s8, m8) = results
+    for k in m1:
+      np.testing.assert_allclose(m1[k], m8[k], rtol=2e-4, atol=1e-6, err_msg=k)
+    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s8)):
+      np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+    print("SHARDED_OK", len(jax.tree.leaves(s1)))
+""")
+
+
+def test_eight_devices_equal_one_device():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  script = SHARDED_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, "tests"))
+  proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert "SHARDED_OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
