@@ -171,13 +171,26 @@ def _read_all(examples: Examples, resize, data_config, keep: bool):
   return kept, images, labels, errors
 
 
-def _estimated_bytes(examples: Examples, resize, threads: int) -> tuple:
-  """(decoded bytes of the split, max (h, w)) from file headers."""
+def _estimated_bytes(examples: Examples, resize, threads: int, skip: bool) -> tuple:
+  """(decoded bytes of the split, max (h, w)) from file headers.
+
+  An unreadable header raises DataError naming the file, unless ``skip``
+  (then the checking pass reports it).
+  """
   n = len(examples.ids)
   if resize:
     return n * resize[0] * resize[1] * 4, tuple(resize)
+
+  def size(i):
+    try:
+      return examples.sizes(i)
+    except DataError:
+      if not skip:
+        raise
+      return None
+
   with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-    sizes = list(pool.map(examples.sizes, range(n)))
+    sizes = [s for s in pool.map(size, range(n)) if s is not None]
   if not sizes:
     return 0, ()
   hw = np.array(sizes)
@@ -193,7 +206,8 @@ def _use_cache(examples: Examples, data_config, resize):
     return True, tuple(resize)
   if mode == "memory":
     return True, tuple(resize)
-  need, max_shape = _estimated_bytes(examples, resize, _num_threads(data_config))
+  need, max_shape = _estimated_bytes(examples, resize, _num_threads(data_config),
+                                     data_config.skip_bad_files)
   if mode == "none":
     return False, max_shape
   free = files.available_memory_bytes()
