@@ -167,6 +167,7 @@ def write_split(path: str, labeled, unlabeled, meta: dict):
   record = dict(format=FORMAT, **meta, num_labeled=len(labeled),
                 num_unlabeled=len(unlabeled), labeled=list(labeled),
                 unlabeled=list(unlabeled))
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(record, f, indent=1)
