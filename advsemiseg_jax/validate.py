@@ -35,11 +35,14 @@ def validate_config(config, workdir: str = None):
   _check(0.0 <= l.t_semi <= 1.0, f"loss.t_semi must be in [0, 1], got {l.t_semi}")
   for name in ("lambda_adv", "lambda_semi_adv", "lambda_semi"):
     _check(l[name] >= 0, f"loss.{name} must be >= 0, got {l[name]}")
-  _check(0 <= l.semi_start <= config.num_steps,
-         f"loss.semi_start={l.semi_start} is beyond num_steps={config.num_steps}: "
-         "L_semi would never switch on")
-  _check(0 <= l.semi_start_adv <= config.num_steps,
-         f"loss.semi_start_adv={l.semi_start_adv} is beyond num_steps={config.num_steps}")
+  if l.lambda_semi > 0:
+    _check(0 <= l.semi_start <= config.num_steps,
+           f"loss.semi_start={l.semi_start} is beyond num_steps={config.num_steps}: "
+           "L_semi would never switch on")
+  if l.lambda_semi_adv > 0:
+    _check(0 <= l.semi_start_adv <= config.num_steps,
+           f"loss.semi_start_adv={l.semi_start_adv} is beyond "
+           f"num_steps={config.num_steps}")
   min_size = 2**NUM_DOWNSAMPLINGS
   crop = tuple(d.crop_size)
   _check(len(crop) == 2 and min(crop) >= min_size,

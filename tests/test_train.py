@@ -1,0 +1,94 @@
+"""End to end: train_and_evaluate and main.py on the demo's quick config."""
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from advsemiseg_jax import checkpoint
+from advsemiseg_jax.train import Trainer, train_and_evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _final_params(config, workdir):
+  trainer = Trainer(config, str(workdir))
+  mngr = checkpoint.manager(str(workdir), 5)
+  state = checkpoint.restore_latest(mngr, trainer.state)
+  mngr.close()
+  return jax.device_get(state)
+
+
+def test_quick_run_writes_results_checkpoint_and_events(quick_config, tmp_path):
+  results = train_and_evaluate(quick_config, str(tmp_path))
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert saved["step"] == 30 and saved["dataset"] == "demo"
+  assert set(saved["per_class_iou"]) == {"background", "striped disc", "dotted disc",
+                                         "striped square", "dotted square"}
+  assert 0 <= saved["miou"] <= 100 and saved["miou"] == pytest.approx(results["miou"])
+  assert os.path.isdir(tmp_path / "checkpoints" / "30")
+  assert glob.glob(str(tmp_path / "events.out.tfevents.*"))
+
+  # Again on the finished workdir: nothing is retrained.
+  mtime = os.path.getmtime(tmp_path / "checkpoints" / "30")
+  again = train_and_evaluate(quick_config, str(tmp_path))
+  assert again["step"] == 30 and again["miou"] == pytest.approx(saved["miou"])
+  assert os.path.getmtime(tmp_path / "checkpoints" / "30") == mtime
+
+  # mode=evaluate evaluates the latest checkpoint.
+  quick_config.mode = "evaluate"
+  evaluated = train_and_evaluate(quick_config, str(tmp_path))
+  assert evaluated["miou"] == pytest.approx(saved["miou"])
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(quick_config, tmp_path):
+  quick_config.checkpoint_every = 10
+  quick_config.max_to_keep = 5
+  train_and_evaluate(quick_config, str(tmp_path / "full"))
+  shutil.copytree(tmp_path / "full", tmp_path / "cut")
+  for step in ("20", "30"):                   # as if killed just after step 10's save
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / step)
+  train_and_evaluate(quick_config, str(tmp_path / "cut"))
+  full = _final_params(quick_config, tmp_path / "full")
+  cut = _final_params(quick_config, tmp_path / "cut")
+  assert int(cut.step) == 30
+  for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(cut)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _main(*args, timeout=120):
+  return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args],
+                        capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.loss.t_semi=1.5", "loss.t_semi must be in [0, 1]"),
+    ("--config.loss.semi_start=100000", "beyond num_steps"),
+    ("--config.data.labeled_fraction=0", "labeled_fraction must be in (0, 1]"),
+    ("--config.loss.lambda_adv=-1", "loss.lambda_adv must be >= 0"),
+])
+def test_main_rejects_bad_values_at_start_up(tmp_path, override, message):
+  proc = _main("--config=configs/demo.py:quick", f"--workdir={tmp_path}", override)
+  assert proc.returncode != 0
+  assert message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_main_rejects_unknown_key_and_variant(tmp_path):
+  proc = _main("--config=configs/demo.py:quick", f"--workdir={tmp_path}",
+               "--config.loss.lamda_adv=0.1")
+  assert proc.returncode != 0 and "lamda_adv" in proc.stderr
+  proc = _main("--config=configs/demo.py:quik", f"--workdir={tmp_path}")
+  assert proc.returncode != 0 and "unknown config variant" in proc.stderr
+
+
+def test_main_baseline_quick_runs(tmp_path):
+  proc = _main("--config=configs/demo.py:baseline,quick", f"--workdir={tmp_path}",
+               "--config.num_steps=6", timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "mIoU" in proc.stderr
+  assert json.loads((tmp_path / "results.json").read_text())["step"] == 6
