@@ -3,6 +3,7 @@ any compile or data read."""
 import os
 import tempfile
 
+from advsemiseg_jax.data import files, sources
 from advsemiseg_jax.models import DISCRIMINATORS, STAGE_SIZES
 from advsemiseg_jax.models.discriminator import NUM_DOWNSAMPLINGS
 from advsemiseg_jax.models.layers import BN_MODES
@@ -58,6 +59,7 @@ def validate_config(config, workdir: str = None):
   _check(config.checkpoint_every > 0 and config.log_every > 0,
          "checkpoint_every and log_every must be positive")
   _check(config.max_to_keep >= 1, "max_to_keep must be >= 1")
+  _validate_data(d)
   if workdir is not None:
     try:
       os.makedirs(workdir, exist_ok=True)
@@ -65,3 +67,27 @@ def validate_config(config, workdir: str = None):
         pass
     except OSError as e:
       raise ConfigError(f"workdir {workdir!r} cannot be written: {e}") from e
+
+
+def _validate_data(d):
+  """The data fields of issue 3 (dataset name, root, sizes, cache, files)."""
+  _check(d.name in sources.SOURCES,
+         f"data.name must be one of {sorted(sources.SOURCES)}, got {d.name!r}")
+  _check(d.name in ("demo", "tfds") or bool(d.root),
+         f"data.name={d.name!r} needs --config.data.root=DATASET_FOLDER")
+  _check(d.name != "tfds" or bool(d.tfds.name),
+         "data.name='tfds' needs data.tfds.name (e.g. oxford_iiit_pet)")
+  for name in ("resize", "eval_resize"):
+    size = tuple(d[name])
+    _check(size == () or (len(size) == 2 and min(size) > 0),
+           f"data.{name}={size} must be () or (height, width)")
+  _check(d.cache in ("auto", "memory", "none"),
+         f"data.cache must be auto, memory or none, got {d.cache!r}")
+  _check(d.val_limit >= 0 and d.threads >= 0, "data.val_limit and data.threads must be >= 0")
+  _check(not d.split_file or os.path.isfile(d.split_file),
+         f"data.split_file not found: {d.split_file!r}")
+  if d.label_map not in sources.NAMED_LABEL_MAPS:
+    try:
+      files.parse_label_map(d.label_map)
+    except files.DataError as e:
+      raise ConfigError(str(e)) from None
