@@ -8,11 +8,19 @@ freezes it (no update at all), otherwise it trains with SGD at
 (``g + wd * p`` before momentum) when ``weight_decay`` is true. Every
 parameter must be matched by some rule and every rule must match some
 parameter, so a typo fails at start-up instead of silently changing training.
+
+A rule may carry a fourth element, ``repeats`` (default 1): the parameter is
+updated that many times per step with the same gradient, as torch 2.x's
+single-tensor SGD does for a parameter listed ``repeats`` times in one group
+(``repeated_sgd``). ``REFERENCE_G_RULES`` uses it to reproduce the authors'
+optimiser groups (docs: REFERENCE.md, "QUIRK").
 """
 import re
-from typing import Sequence
+from typing import Any, NamedTuple, Sequence
 
 import flax
+import jax
+import jax.numpy as jnp
 import optax
 
 # The authors' groups: BN affine parameters frozen, ASPP head ("layer5") at
@@ -20,6 +28,23 @@ import optax
 DEFAULT_G_RULES = (
     (r"(^|/)(bn\d|downsample_bn)/", 0.0, False),
     (r"^layer5/", 10.0, True),
+    (r".*", 1.0, True),
+)
+
+# The authors' groups exactly (reference-exact mode): their 1x group walks
+# ``modules()`` of the stem and layer1..4 and lists each module's (recursive)
+# ``parameters()``, so each bottleneck conv weight appears 3 times (layer,
+# block, conv), each shortcut conv weight 4 times (layer, block, downsample,
+# conv) and the stem conv once; the 10x head is listed once; BN is frozen.
+# With their two-branch ASPP (model.aspp_branches=2), the dilation-18 and -24
+# branches get no gradient, and torch's SGD skips a parameter without one (no
+# weight decay either): they stay as initialised.
+REFERENCE_G_RULES = (
+    (r"(^|/)(bn\d|downsample_bn)/", 0.0, False),
+    (r"^layer5/conv2d_list_[23]/", 0.0, False),
+    (r"^layer5/", 10.0, True),
+    (r"^layer\d_\d+/downsample_conv/", 1.0, True, 4),
+    (r"^layer\d_\d+/conv\d/", 1.0, True, 3),
     (r".*", 1.0, True),
 )
 
@@ -61,19 +86,83 @@ def rule_labels(params, rules: Sequence):
   return flax.traverse_util.unflatten_dict(labels, sep="/")
 
 
+def rule_repeats(rule) -> int:
+  """The ``repeats`` of a rule (its optional fourth element; default 1)."""
+  if len(rule) not in (3, 4):
+    raise ValueError(f"an optimiser rule is (regex, lr_mult, weight_decay[, repeats]), "
+                     f"got {rule!r}")
+  repeats = rule[3] if len(rule) == 4 else 1
+  if int(repeats) != repeats or repeats < 1:
+    raise ValueError(f"rule {rule[0]!r}: repeats must be an integer >= 1, got {repeats!r}")
+  return int(repeats)
+
+
+class RepeatedSGDState(NamedTuple):
+  count: Any
+  momentum: Any
+
+
+def repeated_sgd(learning_rate, momentum: float, weight_decay: float,
+                 repeats: int, nesterov: bool = False):
+  """SGD applied ``repeats`` times per step with the same gradient.
+
+  What torch 2.x's single-tensor SGD (its CPU default, ``foreach=False``) does
+  to a parameter listed ``repeats`` times in one parameter group: each
+  appearance in turn computes ``d = g + weight_decay * p`` on the current
+  ``p``, then ``buf = momentum * buf + d`` and ``p -= lr * buf`` (Nesterov:
+  ``p -= lr * (d + momentum * buf)``). On the very first step every
+  appearance starts its own fresh buffer (``buf = d``) and the last one is
+  kept; afterwards all appearances share that one buffer. ``learning_rate``
+  is a float or a schedule of the step count.
+  """
+  def init_fn(params):
+    return RepeatedSGDState(count=jnp.zeros([], jnp.int32),
+                            momentum=jax.tree.map(jnp.zeros_like, params))
+
+  def update_fn(grads, state, params=None):
+    if params is None:
+      raise ValueError("repeated_sgd needs the parameters to compute its updates")
+    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    first = state.count == 0
+
+    def leaf(g, buf, p0):
+      p = p0
+      for _ in range(repeats):
+        d = g + weight_decay * p
+        buf = momentum * jnp.where(first, jnp.zeros_like(buf), buf) + d
+        p = p - lr * (d + momentum * buf if nesterov else buf)
+      return p - p0, buf
+
+    g_leaves, treedef = jax.tree.flatten(grads)
+    out = [leaf(g, b, p) for g, b, p in zip(
+        g_leaves, treedef.flatten_up_to(state.momentum), treedef.flatten_up_to(params))]
+    updates = treedef.unflatten([u for u, _ in out])
+    buffers = treedef.unflatten([b for _, b in out])
+    return updates, RepeatedSGDState(count=optax.safe_increment(state.count),
+                                     momentum=buffers)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def generator_optimizer(optim_config, params, num_steps: int):
   """SGD (momentum, optional Nesterov) with the rules of ``optim_config.g_rules``."""
   schedule = poly_schedule(optim_config.lr_g, num_steps, optim_config.power)
   rules = tuple(optim_config.g_rules)
   transforms = {}
-  for i, (_, lr_mult, decay) in enumerate(rules):
+  for i, rule in enumerate(rules):
+    _, lr_mult, decay = rule[:3]
+    repeats = rule_repeats(rule)
     if lr_mult == 0:
       transforms[f"rule{i}"] = optax.set_to_zero()
       continue
-    sgd = optax.sgd(lambda count, m=lr_mult: m * schedule(count),
-                    momentum=optim_config.momentum,
-                    nesterov=optim_config.nesterov)
+    lr = lambda count, m=lr_mult: m * schedule(count)
     wd = optim_config.weight_decay if decay else 0.0
+    if repeats > 1:
+      transforms[f"rule{i}"] = repeated_sgd(lr, optim_config.momentum, wd, repeats,
+                                            optim_config.nesterov)
+      continue
+    sgd = optax.sgd(lr, momentum=optim_config.momentum,
+                    nesterov=optim_config.nesterov)
     transforms[f"rule{i}"] = optax.chain(optax.add_decayed_weights(wd), sgd)
   return optax.multi_transform(transforms, rule_labels(params, rules)), schedule
 
