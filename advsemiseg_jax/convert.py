@@ -460,7 +460,7 @@ def load_orbax(path: str) -> Dict[str, Any]:
   return out
 
 
-def load_init_from(init_from: str, config, g_vars, d_vars):
+def load_init_from(init_from: str, g_vars, d_vars):
   """``config.init_from`` applied to fresh variables: (g_vars, d_vars).
 
   ``init_from`` is one or more comma-separated sources, each a ``.pth`` file

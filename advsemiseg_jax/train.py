@@ -9,7 +9,8 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from advsemiseg_jax import checkpoint, evaluate, metrics, models, optim, parallel
+from advsemiseg_jax import (checkpoint, convert, evaluate, metrics, models, optim,
+                            parallel)
 from advsemiseg_jax.data import sources, splits, streams
 from advsemiseg_jax.step import (TrainState, make_train_step, uses_discriminator,
                                  uses_unlabeled)
@@ -32,6 +33,8 @@ def build_training(config, num_classes: int):
   discriminator = models.build_discriminator(config.model)
   rng = jax.random.PRNGKey(config.seed)
   g_vars, d_vars = init_variables(config, generator, discriminator, num_classes, rng)
+  if config.init_from:  # .pth or Orbax weights, copied where name and shape match.
+    g_vars, d_vars = convert.load_init_from(config.init_from, g_vars, d_vars)
   g_tx, g_sched = optim.generator_optimizer(config.optim, g_vars["params"],
                                             config.num_steps)
   d_tx, d_sched = optim.discriminator_optimizer(config.optim, config.num_steps)
@@ -115,8 +118,9 @@ def train_and_evaluate(config, workdir: str):
     logging.info("resumed from %s at step %d", mngr.directory, start_step)
 
   if config.mode == "evaluate":
-    if restored is None:
-      raise FileNotFoundError(f"mode=evaluate but {mngr.directory} holds no checkpoint")
+    if restored is None and not config.init_from:
+      raise FileNotFoundError(f"mode=evaluate but {mngr.directory} holds no checkpoint "
+                              "and config.init_from is empty")
     results = trainer.evaluate(state)
     mngr.close()
     return results
