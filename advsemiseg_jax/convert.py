@@ -125,8 +125,9 @@ def _describe(obj, depth: int = 0) -> str:
     more = f", ... ({len(items)} entries)" if len(items) > 6 else ""
     return "a dict {" + shown + more + "}"
   if isinstance(obj, (list, tuple)):
-    return f"a {type(obj).__name__} of {len(obj)} items"
-  return f"a {type(obj).__name__}"
+    return f"{type(obj).__name__}({len(obj)} items)" if depth else (
+        f"a {type(obj).__name__} of {len(obj)} items")
+  return type(obj).__name__ if depth else f"a {type(obj).__name__}"
 
 
 def _is_state_dict(obj) -> bool:
@@ -264,33 +265,50 @@ def _skip_reason(name: str, layout: str) -> str:
   return "no variable of this name in the model"
 
 
-def merge_state_dict(state_dict: Mapping[str, Any], template, source: str = "state dict"):
-  """Copies the tensors of a torch ``state_dict`` into ``template`` (Flax
-  variables) where name and shape match. Returns (variables, report)."""
-  layout = detect_layout(state_dict)
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(template), sep="/")
-  report = ConversionReport(source=source, layout=layout)
-  new = dict(flat)
-  filled = {}
-  for name, value in state_dict.items():
-    candidates = torch_to_flax_path(name)
-    key = next((c for c in candidates or () if c in flat), None)
+def match_names(shapes: Mapping[str, Tuple[int, ...]], template_shapes: Mapping[str, Any],
+                layout: str):
+  """Matches torch names to Flax keys by name and shape, without data.
+
+  ``shapes``: torch name -> torch-layout shape; ``template_shapes``: Flax
+  ``collection/path`` -> shape. Returns (plan {torch name: flax key},
+  skipped {torch name: reason}, left [flax keys not provided]).
+  """
+  plan, skipped, filled = {}, {}, {}
+  for name, shape in shapes.items():
+    key = next((c for c in torch_to_flax_path(name) or () if c in template_shapes), None)
     if key is None:
-      report.skipped[name] = _skip_reason(name, layout)
+      skipped[name] = _skip_reason(name, layout)
       continue
     if key in filled:
-      report.skipped[name] = f"duplicate of {filled[key]}"
+      skipped[name] = f"duplicate of {filled[key]}"
       continue
-    array = _to_flax_layout(key, _to_numpy(value))
-    if array.shape != tuple(flat[key].shape):
-      report.skipped[name] = (
-          f"shape {tuple(_to_numpy(value).shape)} in the file, the model needs "
-          f"{_torch_shape(key, flat[key].shape)}")
+    needed = _torch_shape(key, template_shapes[key])
+    if tuple(shape) != needed:
+      skipped[name] = f"shape {tuple(shape)} in the file, the model needs {needed}"
       continue
-    new[key] = jnp.asarray(array, dtype=flat[key].dtype)
+    plan[name] = key
     filled[key] = name
+  left = [k for k in template_shapes if k not in filled]
+  return plan, skipped, left
+
+
+def merge_state_dict(state_dict: Mapping[str, Any], template, source: str = "state dict"):
+  """Copies the tensors of a torch ``state_dict`` into ``template`` (Flax
+  variables, or their shapes from ``jax.eval_shape``) where name and shape
+  match. Returns (variables, report)."""
+  layout = detect_layout(state_dict)
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(template), sep="/")
+  plan, skipped, left = match_names(
+      {name: tuple(value.shape) for name, value in state_dict.items()},
+      {key: tuple(leaf.shape) for key, leaf in flat.items()}, layout)
+  report = ConversionReport(source=source, layout=layout, skipped=skipped,
+                            left_at_init=left)
+  new = dict(flat)
+  for name, key in plan.items():
+    array = _to_flax_layout(key, _to_numpy(state_dict[name]))
+    new[key] = jnp.asarray(array, dtype=flat[key].dtype)
     report.copied.append((name, key))
-  if layout == "torchvision" and "params/conv1/kernel" in filled:
+  if layout == "torchvision" and "params/conv1/kernel" in plan.values():
     std = np.asarray(TORCHVISION_STD, np.float32) * 255.0
     new["params/conv1/kernel"] = new["params/conv1/kernel"] / std[None, None, :, None]
     report.notes.append(
@@ -298,7 +316,6 @@ def merge_state_dict(state_dict: Mapping[str, Any], template, source: str = "sta
         "(stride on the 3x3 conv2, strided layer3/4); copied one to one into the "
         "Caffe-style dilated network; conv1 divided by 255 * ImageNet std per "
         "input channel, since our inputs are 0..255 minus the mean")
-  report.left_at_init = [k for k in flat if k not in filled]
   return flax.traverse_util.unflatten_dict(new, sep="/"), report
 
 
@@ -348,7 +365,10 @@ def init_discriminator(config, rng=None):
   return discriminator, jax.jit(lambda r: discriminator.init(r, p))(rng)
 
 
-def _load(state_dict, source, template, with_report: bool, kind: str):
+def _load(state_dict, source, template, with_report: bool, kind: str, init_fn=None):
+  """Checks the layout, then merges into ``template``. A template of shapes
+  (``jax.eval_shape``) is replaced by ``init_fn()``'s real variables only when
+  something is left at initialisation."""
   layout = detect_layout(state_dict)
   expected = ("fc-discriminator",) if kind == "discriminator" else (
       "authors-deeplab", "torchvision")
@@ -357,8 +377,25 @@ def _load(state_dict, source, template, with_report: bool, kind: str):
         f"{source} does not look like a {kind} checkpoint (detected layout "
         f"{layout!r}; first names: {list(state_dict)[:5]})")
   variables, report = merge_state_dict(state_dict, template, source)
+  if report.left_at_init and init_fn is not None:
+    variables, report = merge_state_dict(state_dict, init_fn(), source)
   log_report(report)
   return (variables, report) if with_report else variables
+
+
+def _convert(state_dict, source, config, kind, init_variables, with_report):
+  if init_variables is not None:
+    return _load(state_dict, source, init_variables, with_report, kind)
+  if kind == "generator":
+    module = models.build_generator(config.model, _num_classes(config))
+    x = jnp.zeros((1, 33, 33, 3), jnp.float32)
+    init_fn = lambda: init_generator(config)[1]
+  else:
+    module = models.build_discriminator(config.model)
+    x = jnp.zeros((1, 64, 64, _num_classes(config)), jnp.float32)
+    init_fn = lambda: init_discriminator(config)[1]
+  abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), x))
+  return _load(state_dict, source, abstract, with_report, kind, init_fn)
 
 
 def load_torch_generator(path_or_state_dict, config, init_variables=None,
@@ -368,13 +405,12 @@ def load_torch_generator(path_or_state_dict, config, init_variables=None,
   checkpoint (a ``.pth`` path, or a mapping of names to tensors/arrays).
 
   Variables the checkpoint does not provide keep their values from
-  ``init_variables`` (default: a fresh init with ``config.seed``). With
-  ``with_report=True`` returns ``(variables, ConversionReport)``.
+  ``init_variables`` (default: a fresh init with ``config.seed``, computed
+  only if needed). With ``with_report=True`` returns ``(variables,
+  ConversionReport)``.
   """
   state_dict, source = load_state_dict(path_or_state_dict)
-  if init_variables is None:
-    _, init_variables = init_generator(config)
-  return _load(state_dict, source, init_variables, with_report, "generator")
+  return _convert(state_dict, source, config, "generator", init_variables, with_report)
 
 
 def load_torch_discriminator(path_or_state_dict, config, init_variables=None,
@@ -382,9 +418,8 @@ def load_torch_discriminator(path_or_state_dict, config, init_variables=None,
   """Flax variables ``{"params"}`` of ``build_discriminator(config.model)`` from
   the authors' FCDiscriminator checkpoint; as ``load_torch_generator``."""
   state_dict, source = load_state_dict(path_or_state_dict)
-  if init_variables is None:
-    _, init_variables = init_discriminator(config)
-  return _load(state_dict, source, init_variables, with_report, "discriminator")
+  return _convert(state_dict, source, config, "discriminator", init_variables,
+                  with_report)
 
 
 def log_report(report: ConversionReport):
@@ -439,10 +474,11 @@ def load_orbax(path: str) -> Dict[str, Any]:
   workdir, its ``checkpoints`` folder, or one step of it)."""
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   item = _orbax_item_dir(path)
-  with ocp.StandardCheckpointer() as ckptr:
+  with ocp.PyTreeCheckpointer() as ckptr:
     metadata = ckptr.metadata(item)
     tree = getattr(metadata, "item_metadata", metadata)
     tree = getattr(tree, "tree", tree)
+    # numpy arrays on the host: no sharding needed, whatever saved them.
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
                                 dict(tree))
     restored = ckptr.restore(
@@ -498,11 +534,9 @@ def main(argv):
   state_dict, source = load_state_dict(src)
   g_vars = d_vars = None
   if detect_layout(state_dict) == "fc-discriminator":
-    _, d_init = init_discriminator(config)
-    d_vars, report = _load(state_dict, source, d_init, True, "discriminator")
+    d_vars, report = _convert(state_dict, source, config, "discriminator", None, True)
   else:
-    _, g_init = init_generator(config)
-    g_vars, report = _load(state_dict, source, g_init, True, "generator")
+    g_vars, report = _convert(state_dict, source, config, "generator", None, True)
   print(report.summary(max_lines=1000))
   if _FLAGS.discriminator:
     d_vars, report = load_torch_discriminator(_FLAGS.discriminator, config,
