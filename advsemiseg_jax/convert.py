@@ -56,6 +56,7 @@ PREFIXES = ("module.", "Scale.")
 TORCHVISION_STD = (0.229, 0.224, 0.225)
 
 _BN_STATS = {"running_mean": "mean", "running_var": "var"}
+_BN_COUNTER = "BatchNorm step counter; unused (the momentum is fixed)"
 
 
 @dataclasses.dataclass
@@ -79,8 +80,12 @@ class ConversionReport:
              f"skipped {len(self.skipped)}, left {len(self.left_at_init)} model "
              f"variables at initialisation"]
     lines += [f"  note: {n}" for n in self.notes]
+    counters = [k for k, v in self.skipped.items() if v == _BN_COUNTER]
+    skipped = [f"{k}: {v}" for k, v in self.skipped.items() if v != _BN_COUNTER]
+    if counters:
+      skipped.append(f"{len(counters)} x *.num_batches_tracked: {_BN_COUNTER}")
     for title, items in (
-        ("skipped", [f"{k}: {v}" for k, v in self.skipped.items()]),
+        ("skipped", skipped),
         ("left at initialisation", list(self.left_at_init))):
       if items:
         lines.append(f"  {title}:")
@@ -259,7 +264,7 @@ def _to_flax_layout(flax_key: str, value: np.ndarray) -> np.ndarray:
 def _skip_reason(name: str, layout: str) -> str:
   leaf = name.rpartition(".")[2]
   if leaf == "num_batches_tracked":
-    return "BatchNorm step counter; unused (the momentum is fixed)"
+    return _BN_COUNTER
   if layout == "torchvision" and name.startswith("fc."):
     return "torchvision's ImageNet classifier; DeepLab has no counterpart"
   return "no variable of this name in the model"
@@ -530,7 +535,7 @@ def main(argv):
                          "--config=configs/...py [--discriminator=D.pth]")
   src, dst = argv[1], argv[2]
   config = _FLAGS.config
-  logging.set_verbosity(logging.INFO)
+  logging.set_verbosity(logging.WARNING)  # The reports are printed below.
   state_dict, source = load_state_dict(src)
   g_vars = d_vars = None
   if detect_layout(state_dict) == "fc-discriminator":
