@@ -29,7 +29,9 @@ are the point of this file; configs/voc.py stays the paper's method:
   buffer after the first step, a fresh buffer per listing on the first step.
   (torch 0.4, which the authors used, differed in detail: shared buffer from
   the first step and weight decay accumulated in the gradient.) The backbone's
-  effective learning rate is thus about 3x what the paper states.
+  effective learning rate is thus about 3x what the paper states. The two
+  ASPP branches the early return leaves out get no gradient, so torch's SGD
+  skips them, weight decay included: the rules freeze them.
 * lambda_adv 0.01 as in their README command and the paper (their train.py
   default is 0.1); lambda_semi 0.1, lambda_semi_adv 0.001, T_semi 0.2,
   semi_start 5000, the unlabeled adversarial term from step 0, D also sees
