@@ -1,29 +1,31 @@
 """Procedural demo scenes: a segmentation task that needs shape AND texture.
 
-Four object classes are the combinations of two shapes (disc, square) and two
-textures (stripes, dots), so neither cue alone identifies a class. Objects
-have random colours (colour is no cue), overlap and occlude one another, and
-sit on a cluttered background (smooth colour gradients, random strokes that
-share the objects' colours and textures, Gaussian noise). As in VOC, a
-one-pixel band around every object boundary is labeled 255 (ignore).
+Three object classes, each a shape with its own texture: striped discs,
+dotted squares and plain triangles. Objects have random colours (colour is no
+cue), overlap and occlude one another, and sit on a cluttered background
+(smooth colour gradients, and thin strokes that carry the same textures, so
+texture alone does not tell an object from clutter; Gaussian noise on top).
+As in VOC, a one-pixel band around every object boundary is labeled 255.
 
 Every scene is a deterministic function of (seed, index): nothing is stored.
 """
 import numpy as np
 
-CLASS_NAMES = ("background", "striped disc", "dotted disc", "striped square",
-               "dotted square")
+CLASS_NAMES = ("background", "striped disc", "dotted square", "plain triangle")
+SHAPES = (None, "disc", "square", "triangle")
+TEXTURES = (None, "stripes", "dots", "plain")
 NUM_CLASSES = len(CLASS_NAMES)
-PALETTE = np.array([[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0],
-                    [0, 0, 128]], np.uint8)
+PALETTE = np.array([[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0]], np.uint8)
 IGNORE = 255
 TRAIN_SEED, VAL_SEED = 1, 2
 
 
-def _texture(rng, yy, xx, dotted: bool):
-  """A boolean two-tone pattern: oriented stripes or a lattice of dots."""
+def _texture(rng, yy, xx, texture: str):
+  """A boolean two-tone pattern: oriented stripes, a lattice of dots, or none."""
   period = rng.uniform(5.0, 8.0)
-  if dotted:
+  if texture == "plain":
+    return np.ones(yy.shape, bool)
+  if texture == "dots":
     phase = rng.uniform(0, period, size=2)
     dy = np.mod(yy + phase[0], period) - period / 2
     dx = np.mod(xx + phase[1], period) - period / 2
@@ -33,17 +35,23 @@ def _texture(rng, yy, xx, dotted: bool):
   return np.mod(proj + rng.uniform(0, period), period) < period / 2
 
 
-def _shape(rng, yy, xx, size, square: bool):
+def _shape(rng, yy, xx, size, shape: str):
   cy, cx = rng.uniform(0.15 * size, 0.85 * size, size=2)
-  radius = rng.uniform(0.12 * size, 0.25 * size)
-  if square:
+  radius = rng.uniform(0.15 * size, 0.3 * size)
+  if shape == "square":
     return (np.abs(yy - cy) < radius) & (np.abs(xx - cx) < radius)
+  if shape == "triangle":  # apex up, base at cy + radius
+    dy = yy - (cy - radius)
+    return (dy >= 0) & (yy <= cy + radius) & (np.abs(xx - cx) <= dy / 2 * 1.15)
   return (yy - cy)**2 + (xx - cx)**2 < radius**2
 
 
-def _paint(rng, image, mask, yy, xx, dotted):
-  colours = rng.uniform(0, 255, size=(2, 3))
-  pattern = _texture(rng, yy, xx, dotted)
+def _paint(rng, image, mask, yy, xx, texture):
+  first = rng.uniform(0, 255, size=3)
+  if texture == "plain" and mask.any():  # stand out from what lies beneath
+    first = 255 - image[mask].mean(0)
+  colours = np.stack([first, 255 - first])   # complementary: a visible pattern
+  pattern = _texture(rng, yy, xx, texture)
   image[mask] = np.where(pattern[mask][:, None], colours[0], colours[1])
 
 
@@ -67,20 +75,19 @@ def scene(seed: int, index: int, size: int = 96):
   image = ((1 - wy) * ((1 - wx) * corners[0, 0] + wx * corners[0, 1])
            + wy * ((1 - wx) * corners[1, 0] + wx * corners[1, 1]))
   # Clutter: thin textured strokes, not objects (label stays background).
-  for _ in range(rng.integers(2, 5)):
+  for _ in range(rng.integers(1, 4)):
     y0, x0, y1, x1 = rng.uniform(0, size, size=4)
     t = np.clip(((yy - y0) * (y1 - y0) + (xx - x0) * (x1 - x0))
                 / max((y1 - y0)**2 + (x1 - x0)**2, 1e-6), 0, 1)
     dist = np.hypot(yy - (y0 + t * (y1 - y0)), xx - (x0 + t * (x1 - x0)))
-    _paint(rng, image, dist < rng.uniform(1.0, 2.5), yy, xx,
-           dotted=bool(rng.integers(2)))
+    _paint(rng, image, dist < rng.uniform(1.5, 3.0), yy, xx,
+           TEXTURES[rng.integers(1, len(TEXTURES))])
   label = np.zeros((size, size), np.uint8)
   # Objects, painted in order: later ones occlude earlier ones.
   for _ in range(rng.integers(1, 4)):
     cls = int(rng.integers(1, NUM_CLASSES))
-    square, dotted = cls >= 3, cls in (2, 4)
-    mask = _shape(rng, yy, xx, size, square)
-    _paint(rng, image, mask, yy, xx, dotted)
+    mask = _shape(rng, yy, xx, size, SHAPES[cls])
+    _paint(rng, image, mask, yy, xx, TEXTURES[cls])
     label[mask] = cls
   image = image + rng.normal(0, 12.0, size=image.shape)
   label[_boundary(label)] = IGNORE
