@@ -34,6 +34,7 @@ def main(argv):
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")  # tf.data only; leave GPUs to JAX.
   from advsemiseg_jax import train
+  from advsemiseg_jax.data.files import DataError
   from advsemiseg_jax.validate import ConfigError
   logging.set_verbosity(logging.INFO)
   quiet_library_logs()
@@ -41,6 +42,8 @@ def main(argv):
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except ConfigError as e:
     raise SystemExit(f"config error: {e}") from None
+  except DataError as e:
+    raise SystemExit(f"data error: {e}") from None
 
 
 if __name__ == "__main__":
