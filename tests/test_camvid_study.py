@@ -1,0 +1,40 @@
+"""The CamVid study script: its report and its behaviour without data."""
+import importlib.util
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def study():
+  spec = importlib.util.spec_from_file_location(
+      "camvid_study", os.path.join(ROOT, "benchmarks", "camvid_study.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_report_means_spreads_and_plot(study, tmp_path):
+  records = [{"fraction": f, "arm": a, "seed": s, "miou": m}
+             for f, a, s, m in [("1/8", "baseline", 0, 30.0), ("1/8", "baseline", 1, 34.0),
+                                ("1/4", "baseline", 0, 40.0), ("1/8", "semi", 0, 33.0)]]
+  table = study.report(records, str(tmp_path))
+  assert "| L_ce | 32.0 ± 2.8 (n=2) | 40.0 (n=1) |" in table
+  assert "| + L_adv + L_semi | 33.0 (n=1) | - |" in table
+  assert (tmp_path / "camvid_study.png").stat().st_size > 1000
+  assert (tmp_path / "camvid_study.md").read_text().strip() == table
+
+
+def test_missing_data_exits_cleanly(study, tmp_path, capsys):
+  assert study.main([f"--data={tmp_path / 'absent'}", f"--out={tmp_path}"]) == 0
+  assert "no data folder" in capsys.readouterr().out
+
+
+def test_config_variants_build(study, tmp_path):
+  args = study.parse_args([f"--data={tmp_path}", "--steps=12"])
+  config = study.make_config(args, "1/4", "adv", 2)
+  assert config.data.labeled_fraction == 0.25 and config.data.split_seed == 2
+  assert config.loss.lambda_semi == 0 and config.loss.lambda_adv > 0
+  assert config.num_steps == 12 and config.loss.semi_start <= 4
