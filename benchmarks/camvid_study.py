@@ -165,18 +165,20 @@ def main(argv=None):
   json_path = os.path.join(args.out, "camvid_study.json")
   records = json.load(open(json_path)) if os.path.exists(json_path) else {}
   if not args.report_only:
-    for fraction in args.fractions.split(","):
-      for arm in args.arms.split(","):
-        for seed in (int(s) for s in args.seeds.split(",")):
-          record = run_one(args, fraction, arm, seed)
-          key = run_key(fraction, arm, seed)
-          if key in records and abs(records[key]["miou"] - record["miou"]) > 1e-6:
-            print(f"{key}: mIoU {record['miou']:.4f} differs from the stored "
-                  f"{records[key]['miou']:.4f}")
-          records[key] = record
-          print(f"{key}: mIoU {record['miou']:.2f} ({record['seconds']} s)", flush=True)
-          with open(json_path, "w") as f:
-            json.dump(records, f, indent=1)
+    runs = [(f, a, int(s)) for s in args.seeds.split(",")
+            for f in args.fractions.split(",") for a in args.arms.split(",")]
+    # Seed by seed, so that a study cut short still covers every arm.
+
+    for fraction, arm, seed in runs:
+      record = run_one(args, fraction, arm, seed)
+      key = run_key(fraction, arm, seed)
+      if key in records and abs(records[key]["miou"] - record["miou"]) > 1e-6:
+        print(f"{key}: mIoU {record['miou']:.4f} differs from the stored "
+              f"{records[key]['miou']:.4f}")
+      records[key] = record
+      print(f"{key}: mIoU {record['miou']:.2f} ({record['seconds']} s)", flush=True)
+      with open(json_path, "w") as f:
+        json.dump(records, f, indent=1)
   print(report(list(records.values()), args.out))
   semi = [r for r in records.values() if r["arm"] == "semi" and os.path.isdir(r["workdir"])]
   if semi and not args.report_only:
