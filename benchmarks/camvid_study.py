@@ -168,7 +168,6 @@ def main(argv=None):
     runs = [(f, a, int(s)) for s in args.seeds.split(",")
             for f in args.fractions.split(",") for a in args.arms.split(",")]
     # Seed by seed, so that a study cut short still covers every arm.
-
     for fraction, arm, seed in runs:
       record = run_one(args, fraction, arm, seed)
       key = run_key(fraction, arm, seed)
