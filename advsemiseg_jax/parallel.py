@@ -1,15 +1,70 @@
-"""Device mesh and shardings: data parallel over a ``data`` axis.
+"""Device mesh, shardings, multi-host start-up: data parallel over ``data``.
 
 Parameters and optimiser states are replicated; every batch is split along
 its first axis. Hosts feed their local slice of each global batch
 (``jax.make_array_from_process_local_data``), so the same code runs on one
 CPU, one GPU, several GPUs or a multi-host TPU pod.
 """
+import os
+
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+# XLA:CPU flags our CPU measurements showed to help (docs/performance.md). An
+# unknown flag aborts XLA, so they are added only on jaxlib versions where they
+# were checked to exist.
+CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=+eltwise",)
+CPU_XLA_FLAGS_CHECKED_FROM = (0, 10)
+
+
+def set_default_xla_flags(enable: bool = True) -> str:
+  """Adds ``CPU_XLA_FLAGS`` to ``XLA_FLAGS`` (call before JAX's first
+  computation: XLA reads the variable when its backend starts).
+
+  A flag whose name the user's ``XLA_FLAGS`` already sets is left as the user
+  set it; ``enable=False`` adds nothing. Returns the resulting ``XLA_FLAGS``.
+  """
+  import jaxlib
+  current = os.environ.get("XLA_FLAGS", "")
+  version = tuple(int(v) for v in jaxlib.__version__.split(".")[:2])
+  if enable and version >= CPU_XLA_FLAGS_CHECKED_FROM:
+    for flag in CPU_XLA_FLAGS:
+      if flag.split("=")[0] not in current:
+        current = f"{current} {flag}".strip()
+    os.environ["XLA_FLAGS"] = current
+  return current
+
+
+def initialize_distributed(coordinator_address: str = "", num_processes: int = 0,
+                           process_id: int = -1, auto: bool = False) -> bool:
+  """``jax.distributed.initialize`` for multi-host runs (one process per host).
+
+  With ``coordinator_address`` (``host:port`` of process 0) the three values
+  are passed explicitly (multi-node GPU clusters without a scheduler). With
+  ``auto`` JAX detects them itself (TPU pods, SLURM, Open MPI). The standard
+  variables ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
+  ``JAX_PROCESS_ID`` fill in what the arguments leave empty. Returns whether
+  it initialised; a single-host run needs none of it.
+  """
+  env = os.environ
+  coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS", "")
+  num_processes = num_processes or int(env.get("JAX_NUM_PROCESSES", "0"))
+  if process_id < 0:
+    process_id = int(env.get("JAX_PROCESS_ID", "-1"))
+  if coordinator_address:
+    if num_processes <= 0 or process_id < 0:
+      raise ValueError("a coordinator address needs the number of processes and "
+                       "this process's id (flags or JAX_NUM_PROCESSES/JAX_PROCESS_ID)")
+    if jax.config.jax_platforms == "cpu" or env.get("JAX_PLATFORMS") == "cpu":
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    return True
+  if auto:
+    jax.distributed.initialize()
+    return True
+  return False
 
 
 def make_mesh(devices=None):

@@ -14,7 +14,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def build_generator(model_config, num_classes: int) -> DeepLabV2:
-  """DeepLab-v2 from ``config.model`` (backbone, width, aspp_branches, bn_mode)."""
+  """DeepLab-v2 from ``config.model`` (backbone, width, aspp_branches, bn_mode,
+  compute_dtype, conv_impl, remat_stages)."""
   if model_config.backbone not in STAGE_SIZES:
     raise ValueError(f"model.backbone must be one of {sorted(STAGE_SIZES)}, "
                      f"got {model_config.backbone!r}")
@@ -23,7 +24,9 @@ def build_generator(model_config, num_classes: int) -> DeepLabV2:
                    width=model_config.width,
                    aspp_branches=model_config.aspp_branches,
                    bn_mode=model_config.bn_mode,
-                   dtype=DTYPES[model_config.dtype])
+                   dtype=DTYPES[model_config.compute_dtype],
+                   conv_impl=model_config.conv_impl,
+                   remat_stages=tuple(model_config.remat_stages))
 
 
 def build_discriminator(model_config):

@@ -64,9 +64,17 @@ class ASPP(nn.Module):
   dilations: Sequence[int] = ASPP_DILATIONS
   num_branches: int = 4
   dtype: Any = jnp.float32
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x):
+    if self.conv_impl == "dot":
+      params = [_ConvParams(self.num_classes, x.shape[-1], name=f"conv2d_list_{i}")()
+                for i in range(len(self.dilations))]
+      used = params[:self.num_branches]
+      return layers.summed_dilated_convs(
+          x, [k for k, _ in used], [b for _, b in used],
+          self.dilations[:self.num_branches], self.dtype)
     outs = []
     for i, d in enumerate(self.dilations):
       conv = nn.Conv(self.num_classes, (3, 3), padding=((d, d), (d, d)),
@@ -77,6 +85,20 @@ class ASPP(nn.Module):
       else:  # The parameters exist (torch has them) but take no part.
         conv(jnp.zeros((1, 1, 1, x.shape[-1]), x.dtype))
     return sum(outs)
+
+
+class _ConvParams(nn.Module):
+  """The ``kernel`` and ``bias`` of a 3x3 ASPP ``nn.Conv`` (same names, shapes
+  and initialisers), for the ``dot`` implementation that applies them itself."""
+  features: int
+  in_features: int
+
+  @nn.compact
+  def __call__(self):
+    kernel = self.param("kernel", _head_init, (3, 3, self.in_features, self.features),
+                        jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    return kernel, bias
 
 
 class DeepLabV2(nn.Module):
@@ -91,11 +113,13 @@ class DeepLabV2(nn.Module):
   aspp_branches: int = 4
   bn_mode: str = "batch_stats"
   dtype: Any = jnp.float32
+  conv_impl: str = "xla"
+  remat_stages: Sequence[int] = ()
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             kernel_init=_backbone_init)
+    conv = functools.partial(layers.conv_module(self.conv_impl), use_bias=False,
+                             dtype=self.dtype, kernel_init=_backbone_init)
     norm = layers.batch_norm(self.bn_mode, train, self.dtype)
     x = conv(self.width, (7, 7), strides=2, padding=((3, 3), (3, 3)),
              name="conv1")(x.astype(self.dtype))
@@ -104,12 +128,14 @@ class DeepLabV2(nn.Module):
     # (stride, dilation) of layer1..layer4: output stride 8.
     plan = ((1, 1), (2, 1), (1, 2), (1, 4))
     for i, (blocks, (stride, dilation)) in enumerate(zip(self.stage_sizes, plan)):
+      # Stages in remat_stages keep only block inputs for the backward pass.
+      block = nn.remat(Bottleneck) if i + 1 in self.remat_stages else Bottleneck
       for j in range(blocks):
-        x = Bottleneck(self.width * 2**i, conv, norm,
+        x = block(self.width * 2**i, conv, norm,
                        stride=stride if j == 0 else 1, dilation=dilation,
                        project=(j == 0), name=f"layer{i + 1}_{j}")(x)
     x = ASPP(self.num_classes, num_branches=self.aspp_branches,
-             dtype=self.dtype, name="layer5")(x)
+             dtype=self.dtype, conv_impl=self.conv_impl, name="layer5")(x)
     return x.astype(jnp.float32)
 
 

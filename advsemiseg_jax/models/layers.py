@@ -6,9 +6,15 @@
 * ``max_pool_ceil``: torch's ``MaxPool2d(..., ceil_mode=True)``.
 * ``BatchNorm``/``batch_norm``: torch-equivalent BatchNorm and the factory for
   the two BN modes of the paper's code.
+* ``conv_module``/``summed_dilated_convs``: the convolution implementation
+  switch (``model.conv_impl``). ``xla`` is ``lax.conv`` everywhere (fast on
+  GPU/TPU). ``dot`` writes 1x1 convolutions as ``dot_general`` over channels
+  and the ASPP head as one GEMM over only the taps that land inside the map,
+  then shift-and-add (XLA:CPU runs both several times faster that way; see
+  docs/performance.md). Same parameters, same results up to rounding.
 """
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -20,6 +26,7 @@ from jax import lax
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 BN_MODES = ("batch_stats", "frozen")
+CONV_IMPLS = ("xla", "dot")
 
 
 def align_corners_matrix(out_size: int, in_size: int) -> np.ndarray:
@@ -119,3 +126,85 @@ def batch_norm(bn_mode: str, train: bool, dtype=jnp.float32):
     raise ValueError(f"model.bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
   use_running = (not train) or bn_mode == "frozen"
   return functools.partial(BatchNorm, use_running_average=use_running, dtype=dtype)
+
+
+class DotConv(nn.Module):
+  """A 1x1 convolution (no padding) as a matrix product over channels.
+
+  Parameters are named and shaped as ``nn.Conv``'s (``kernel`` (1, 1, in,
+  out), optional ``bias``), so checkpoints move freely between the two. A
+  stride ``s`` samples every ``s``-th pixel first, as a 1x1 convolution does.
+  """
+  features: int
+  kernel_size: Any = (1, 1)
+  strides: Any = 1
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  bias_init: Callable = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x):
+    if tuple(self.kernel_size) != (1, 1):
+      raise ValueError(f"DotConv is 1x1 only, got kernel_size={self.kernel_size}")
+    kernel = self.param("kernel", self.kernel_init,
+                        (1, 1, x.shape[-1], self.features), jnp.float32)
+    s = self.strides if isinstance(self.strides, int) else self.strides[0]
+    if s > 1:
+      x = x[:, ::s, ::s, :]
+    y = lax.dot_general(x.astype(self.dtype), kernel[0, 0].astype(self.dtype),
+                        (((3,), (0,)), ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+def conv_module(impl: str) -> Callable[..., nn.Module]:
+  """The convolution class for ``model.conv_impl``: ``nn.Conv`` (``xla``), or
+  a factory that builds ``DotConv`` for 1x1 kernels (``dot``) and ``nn.Conv``
+  for every other kernel. Both take ``nn.Conv``'s arguments."""
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"model.conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
+  if impl == "xla":
+    return nn.Conv
+
+  def make(features, kernel_size, strides=1, padding="SAME", **kwargs):
+    if tuple(kernel_size) == (1, 1) and kwargs.get("kernel_dilation", 1) == 1:
+      kwargs.pop("kernel_dilation", None)
+      return DotConv(features, kernel_size, strides=strides, **kwargs)
+    return nn.Conv(features, kernel_size, strides=strides, padding=padding, **kwargs)
+  return make
+
+
+def summed_dilated_convs(x, kernels, biases, dilations, dtype=jnp.float32):
+  """``sum_i conv(x, kernels[i], dilation=dilations[i], padding=dilation) + b_i``
+  for 3x3 kernels, as one GEMM and shifts.
+
+  Output pixel ``p`` of a 3x3 convolution with dilation ``d`` reads input
+  ``p + ((ky - 1) d, (kx - 1) d)``. Taps whose offset is at least the map
+  size only ever read zero padding and are dropped; taps with the same
+  offset (the centre tap of every branch) are merged by adding their
+  kernels. The remaining taps' kernels are concatenated into one
+  (in, taps * out) matrix; each tap's slice of the product is then shifted
+  into place (zero-filled) and summed.
+  """
+  n, h, w, cin = x.shape
+  taps = {}
+  for kernel, d in zip(kernels, dilations):
+    for ky in range(3):
+      for kx in range(3):
+        off = ((ky - 1) * d, (kx - 1) * d)
+        if abs(off[0]) < h and abs(off[1]) < w:
+          taps[off] = taps[off] + kernel[ky, kx] if off in taps else kernel[ky, kx]
+  offsets = list(taps)
+  cout = kernels[0].shape[-1]
+  mat = jnp.concatenate([taps[o] for o in offsets], axis=1).astype(dtype)
+  y = lax.dot_general(x.astype(dtype), mat, (((3,), (0,)), ((), ())))
+  y = y.reshape(n, h, w, len(offsets), cout)
+  ph = max(abs(o[0]) for o in offsets)
+  pw = max(abs(o[1]) for o in offsets)
+  y = jnp.pad(y, ((0, 0), (ph, ph), (pw, pw), (0, 0), (0, 0)))
+  out = sum(y[:, ph + dy:ph + dy + h, pw + dx:pw + dx + w, t]
+            for t, (dy, dx) in enumerate(offsets))
+  return out + sum(biases).astype(dtype)

@@ -1,0 +1,303 @@
+"""Speed of the compiled training step for any config, on CPU or GPU.
+
+  python benchmarks/train_step.py --config=configs/voc.py
+  python benchmarks/train_step.py --config=configs/voc.py --batch=2 --size=161 \
+      --set=model.compute_dtype=bfloat16 --set=model.conv_impl=dot
+  python benchmarks/train_step.py --config=configs/voc.py --set=model.remat_stages=3
+
+Feeds one synthetic batch (no tf.data: the step alone is measured) and prints
+one table tagged with the device: compile time; the median, spread and
+images/s of ``--steps`` steps after ``--warmup``; FLOPs per step from XLA's
+cost analysis and from an analytic count (every convolution and matrix
+product of the step's jaxpr, all taps, backward included), their ratio; the
+achieved FLOP/s and its share of a peak (``--peak_tflops``, or a matmul
+measured in the compute dtype with ``--measure_peak``); XLA's memory
+estimate and the peak memory measured (GPU: the allocator's peak; CPU: the
+process's maximum resident set).
+"""
+import argparse
+import os
+import platform
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from advsemiseg_jax import parallel  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from advsemiseg_jax import models, optim  # noqa: E402
+from advsemiseg_jax.config import load_config  # noqa: E402
+from advsemiseg_jax.step import (TrainState, make_train_step,  # noqa: E402
+                                 uses_discriminator, uses_unlabeled)
+
+
+def parse_value(text: str, old):
+  """A ``--set`` value in the type of the field it replaces."""
+  if isinstance(old, bool):
+    return text.lower() in ("1", "true", "yes")
+  if isinstance(old, (tuple, list)):
+    return tuple(int(v) for v in text.split(",") if v) if text else ()
+  return type(old)(text)
+
+
+def apply_overrides(config, overrides):
+  for item in overrides:
+    key, _, value = item.partition("=")
+    *path, name = key.split(".")
+    node = config
+    for part in path:
+      node = node[part]
+    node[name] = parse_value(value, node[name])
+
+
+def build_state(config, num_classes):
+  """(initial TrainState, un-jitted step) as ``train.build_training`` makes
+  them, without importing the data pipeline (and so TensorFlow)."""
+  generator = models.build_generator(config.model, num_classes)
+  discriminator = models.build_discriminator(config.model)
+  rng = jax.random.PRNGKey(config.seed)
+  g_rng, d_rng = jax.random.split(rng)
+  g_vars = jax.jit(lambda r: generator.init(
+      r, jnp.zeros((1, 33, 33, 3)), train=False))(g_rng)
+  d_vars = jax.jit(lambda r: discriminator.init(
+      r, jnp.zeros((1, 64, 64, num_classes))))(d_rng)
+  g_tx, g_sched = optim.generator_optimizer(config.optim, g_vars["params"],
+                                            config.num_steps)
+  d_tx, d_sched = optim.discriminator_optimizer(config.optim, config.num_steps)
+  state = TrainState(
+      step=jnp.zeros((), jnp.int32), g_params=g_vars["params"],
+      g_batch_stats=g_vars["batch_stats"], d_params=d_vars["params"],
+      g_opt_state=g_tx.init(g_vars["params"]), d_opt_state=d_tx.init(d_vars["params"]),
+      rng=rng)
+  kwargs = {}
+  if config.optim.iter_size > 1:
+    kwargs["iter_size"] = config.optim.iter_size
+  step = make_train_step(config.loss, generator, discriminator, g_tx, d_tx,
+                         g_sched, d_sched, **kwargs)
+  return state, step
+
+
+def synthetic_batch(config, batch: int, size, seed: int = 0):
+  """Random images (mean-subtracted scale) and labels, 5% ignored."""
+  rng = np.random.RandomState(seed)
+  h, w = size
+  k = config.data.num_classes
+
+  def labels():
+    lab = rng.randint(0, k, (batch, h, w)).astype(np.int32)
+    lab[rng.rand(batch, h, w) < 0.05] = 255
+    return lab
+
+  out = {"image": (rng.randn(batch, h, w, 3) * 50).astype(np.float32), "label": labels()}
+  if uses_unlabeled(config.loss):
+    out["unlabeled_image"] = (rng.randn(batch, h, w, 3) * 50).astype(np.float32)
+  if uses_discriminator(config.loss):
+    out["gt_label"] = labels()
+  return out
+
+
+def _sub_jaxprs(eqn):
+  for value in eqn.params.values():
+    for v in (value if isinstance(value, (tuple, list)) else (value,)):
+      if isinstance(v, jax.extend.core.ClosedJaxpr):
+        yield v.jaxpr
+      elif isinstance(v, jax.extend.core.Jaxpr):
+        yield v
+
+
+def jaxpr_flops(jaxpr) -> float:
+  """2 x multiply-adds of every convolution (all taps, padding included) and
+  matrix product in ``jaxpr`` and its sub-jaxprs (scan bodies times their
+  length)."""
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "conv_general_dilated":
+      rhs = eqn.invars[1].aval.shape
+      out = eqn.outvars[0].aval.shape
+      out_feature_dim = eqn.params["dimension_numbers"].rhs_spec[0]
+      total += 2.0 * np.prod(out) * np.prod(rhs) / rhs[out_feature_dim]
+    elif name == "dot_general":
+      (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod(
+          [lhs[d] for d in lhs_contract])
+    else:
+      inner = sum(jaxpr_flops(j) for j in _sub_jaxprs(eqn))
+      total += inner * (eqn.params.get("length", 1) if name == "scan" else 1)
+  return total
+
+
+def generator_forward_flops(config, size) -> float:
+  """Closed-form FLOPs of one image's generator forward (convolutions, all
+  taps; the paper's DeepLab-v2 at 321x321 is about 147.7 GFLOP)."""
+  h, w = size
+  width, k = config.model.width, config.data.num_classes
+  conv = lambda hw, cin, cout, taps: 2.0 * hw[0] * hw[1] * cin * cout * taps
+  half = lambda hw: (-(-hw[0] // 2), -(-hw[1] // 2))
+  hw = half((h, w))                        # conv1, stride 2 (padding 3)
+  total = conv(hw, 3, width, 49)
+  hw = (hw[0] // 2 + 1, hw[1] // 2 + 1)    # ceil-mode max pool
+  cin = width
+  for i, blocks in enumerate(models.STAGE_SIZES[config.model.backbone]):
+    planes = width * 2**i
+    for j in range(blocks):
+      if i == 1 and j == 0:
+        hw = half(hw)
+      total += conv(hw, cin, planes, 1) + conv(hw, planes, planes, 9)
+      total += conv(hw, planes, planes * 4, 1)
+      if j == 0:
+        total += conv(hw, cin, planes * 4, 1)
+      cin = planes * 4
+  return total + config.model.aspp_branches * conv(hw, cin, k, 9)
+
+
+def matmul_rate(dtype, n: int = 0, repeats: int = 5) -> float:
+  """Measured FLOP/s of an n x n matrix product in ``dtype`` (n: 8192 on an
+  accelerator, 2048 on CPU)."""
+  n = n or (2048 if jax.devices()[0].platform == "cpu" else 8192)
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    f(a).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2.0 * n**3 / min(times)
+
+
+def peak_memory_bytes():
+  """(what, bytes): the device allocator's peak on GPU/TPU, else the process's
+  maximum resident set size."""
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return "device peak", stats["peak_bytes_in_use"]
+  return "process max RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def describe_machine() -> str:
+  device = jax.devices()[0]
+  if device.platform == "cpu":
+    model = platform.processor() or "cpu"
+    try:
+      with open("/proc/cpuinfo") as f:
+        model = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+      pass
+    return f"CPU {model}, {os.cpu_count()} cores"
+  return f"{device.device_kind} x{jax.device_count()}"
+
+
+def measure(config, batch_size: int, size, steps: int, warmup: int):
+  """Compiles and times the step; returns a dict of the measurements."""
+  mesh = parallel.make_mesh()
+  state, step_fn = build_state(config, config.data.num_classes)
+  state = jax.device_put(state, parallel.replicated(mesh))
+  batch = parallel.to_global(synthetic_batch(config, batch_size, size), mesh)
+  jitted = parallel.jit_train_step(step_fn, mesh)
+  start = time.perf_counter()
+  lowered = jitted.lower(state, batch)
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start
+  analytic = jaxpr_flops(jax.make_jaxpr(step_fn)(state, batch).jaxpr)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  xla_flops = float((cost or {}).get("flops", float("nan")))
+  mem = compiled.memory_analysis()
+  xla_bytes = (mem.temp_size_in_bytes + mem.argument_size_in_bytes
+               + mem.output_size_in_bytes - mem.alias_size_in_bytes) if mem else float("nan")
+  times = []
+  for i in range(warmup + steps):
+    begin = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    if i >= warmup:
+      times.append(time.perf_counter() - begin)
+  loss = float(metrics["loss_g"])
+  mem_what, mem_bytes = peak_memory_bytes()
+  return dict(compile_s=compile_s, times=np.array(times), analytic=analytic,
+              xla_flops=xla_flops, xla_bytes=xla_bytes, mem_what=mem_what,
+              mem_bytes=mem_bytes, loss=loss)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--config", default="configs/voc.py", help="path[:variants]")
+  parser.add_argument("--set", action="append", default=[],
+                      help="config override FIELD=VALUE, e.g. model.compute_dtype=bfloat16")
+  parser.add_argument("--batch", type=int, default=0, help="global batch (0: the config's)")
+  parser.add_argument("--size", type=int, default=0, help="square crop (0: the config's)")
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--semi", type=int, default=1,
+                      help="1: L_semi on from step 0 (the full step's work)")
+  parser.add_argument("--peak_tflops", type=float, default=0.0,
+                      help="peak to report the share of (0: none unless --measure_peak)")
+  parser.add_argument("--measure_peak", action="store_true",
+                      help="measure an n x n matmul in the compute dtype as the peak")
+  parser.add_argument("--xla_cpu_tuning", type=int, default=1,
+                      help="1: add parallel.CPU_XLA_FLAGS (as main.py does)")
+  args = parser.parse_args(argv)
+  parallel.set_default_xla_flags(bool(args.xla_cpu_tuning))
+
+  config = load_config(args.config)
+  config.unlock()
+  apply_overrides(config, args.set)
+  if args.semi and config.loss.lambda_semi > 0:
+    config.loss.semi_start = 0
+  batch = args.batch or config.data.batch_size
+  size = (args.size, args.size) if args.size else tuple(config.data.crop_size)
+  r = measure(config, batch, size, args.steps, args.warmup)
+
+  t = r["times"]
+  median = float(np.median(t))
+  g_fwd = generator_forward_flops(config, size)
+  dtype = models.DTYPES[config.model.compute_dtype]
+  peak, peak_what = args.peak_tflops * 1e12, "given"
+  if not peak and args.measure_peak:
+    peak, peak_what = matmul_rate(dtype), f"measured {config.model.compute_dtype} matmul"
+  rows = [
+      ("machine", describe_machine()),
+      ("jax / jaxlib", f"{jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"),
+      ("load average (1, 5, 15 min)", " ".join(f"{v:.2f}" for v in os.getloadavg())),
+      ("config", f"{args.config} " + " ".join(args.set)),
+      ("step", f"batch {batch}, {size[0]}x{size[1]}, backbone {config.model.backbone}, "
+               f"{config.model.compute_dtype}, conv_impl {config.model.conv_impl}, "
+               f"remat {tuple(config.model.remat_stages)}, iter_size {config.optim.iter_size}, "
+               f"unlabeled branch {'on' if uses_unlabeled(config.loss) else 'off'}"),
+      ("compile", f"{r['compile_s']:.1f} s"),
+      ("step time, median", f"{median * 1e3:.1f} ms over {len(t)} steps "
+                            f"(after {args.warmup} warm-up)"),
+      ("step time, min / max", f"{t.min() * 1e3:.1f} / {t.max() * 1e3:.1f} ms"),
+      ("images/s (labeled)", f"{batch / median:.2f}"),
+      ("steps in 15 min", f"{900 / median:.0f}"),
+      ("FLOPs/step, analytic (jaxpr convs+matmuls)", f"{r['analytic'] / 1e12:.3f} T"),
+      ("FLOPs/step, XLA cost analysis", f"{r['xla_flops'] / 1e12:.3f} T "
+                                        f"(XLA / analytic = {r['xla_flops'] / r['analytic']:.3f})"),
+      ("G forward per image, closed form", f"{g_fwd / 1e9:.1f} GFLOP"),
+      ("achieved", f"{r['analytic'] / median / 1e12:.2f} TFLOP/s"),
+  ]
+  if peak:
+    rows.append(("share of peak", f"{r['analytic'] / median / peak:.1%} of "
+                                  f"{peak / 1e12:.1f} TFLOP/s ({peak_what})"))
+  rows += [
+      ("memory, XLA estimate (args+temp+out)", f"{r['xla_bytes'] / 2**30:.2f} GiB"),
+      (f"memory, {r['mem_what']}", f"{r['mem_bytes'] / 2**30:.2f} GiB"),
+      ("loss_g after the last step", f"{r['loss']:.4f}"),
+  ]
+  width = max(len(k) for k, _ in rows)
+  print(f"\n## train step on {describe_machine()}\n")
+  print(f"| {'measure'.ljust(width)} | value |\n|{'-' * (width + 2)}|---|")
+  for key, value in rows:
+    print(f"| {key.ljust(width)} | {value} |")
+  return r
+
+
+if __name__ == "__main__":
+  main()
