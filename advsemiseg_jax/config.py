@@ -20,7 +20,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.width = 64              # channels of the stem (ResNet: 64)
   c.model.aspp_branches = 4       # 4 = the paper; 2 = the authors' code (early return)
   c.model.bn_mode = "batch_stats"  # batch_stats | frozen
-  c.model.dtype = "float32"       # compute dtype of S: float32 | bfloat16
+  # S's convolutions and matmuls: float32 | bfloat16 (parameters, BN statistics,
+  # softmax, losses and D stay float32).
+  c.model.compute_dtype = "float32"
+  c.model.conv_impl = "xla"       # xla (lax.conv; GPU/TPU) | dot (1x1 convs and ASPP as GEMMs; faster on CPU)
+  c.model.remat_stages = ()       # backbone stages 1..4 recomputed in the backward pass (less memory), e.g. (3,)
   c.model.discriminator = "fc"    # fc (the paper) | image ("no FCD" ablation)
   c.model.disc_width = 64
 
@@ -87,6 +91,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval_every = 1000             # steps between evaluations (0 = only at the end)
   c.checkpoint_every = 1000
+  # Gradient accumulation (the authors' --iter-size): each step splits the
+  # batch into iter_size microbatches (own BN statistics each) and applies the
+  # mean of their gradients once.
+  c.optim.iter_size = 1
   c.log_every = 50
   c.max_to_keep = 3
   return c

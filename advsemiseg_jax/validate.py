@@ -4,9 +4,9 @@ import os
 import tempfile
 
 from advsemiseg_jax.data import files, sources
-from advsemiseg_jax.models import DISCRIMINATORS, STAGE_SIZES
+from advsemiseg_jax.models import DISCRIMINATORS, DTYPES, STAGE_SIZES
 from advsemiseg_jax.models.discriminator import NUM_DOWNSAMPLINGS
-from advsemiseg_jax.models.layers import BN_MODES
+from advsemiseg_jax.models.layers import BN_MODES, CONV_IMPLS
 
 MODES = ("train", "evaluate")
 
@@ -31,6 +31,14 @@ def validate_config(config, workdir: str = None):
   _check(m.aspp_branches in (1, 2, 3, 4), f"model.aspp_branches must be 1..4, got {m.aspp_branches}")
   _check(m.width > 0 and m.disc_width > 0, "model.width and model.disc_width must be positive")
   _check(config.num_steps > 0, f"num_steps must be positive, got {config.num_steps}")
+  _check(m.compute_dtype in DTYPES,
+         f"model.compute_dtype must be one of {sorted(DTYPES)}, got {m.compute_dtype!r}")
+  _check(m.conv_impl in CONV_IMPLS,
+         f"model.conv_impl must be one of {CONV_IMPLS}, got {m.conv_impl!r}")
+  _check(all(s in (1, 2, 3, 4) for s in m.remat_stages),
+         f"model.remat_stages must name stages 1..4, got {tuple(m.remat_stages)}")
+  _check(o.iter_size >= 1 and d.batch_size % o.iter_size == 0,
+         f"data.batch_size={d.batch_size} must be a multiple of optim.iter_size={o.iter_size}")
   _check(0.0 < d.labeled_fraction <= 1.0,
          f"data.labeled_fraction must be in (0, 1], got {d.labeled_fraction}")
   _check(0.0 <= l.t_semi <= 1.0, f"loss.t_semi must be in [0, 1], got {l.t_semi}")
