@@ -3,6 +3,8 @@
   python main.py --config=configs/demo.py --workdir=/tmp/demo
   python main.py --config=configs/demo.py:baseline --workdir=/tmp/base
   python main.py --config=configs/demo.py --workdir=/tmp/demo --config.mode=evaluate
+  python main.py --config=configs/demo.py --workdir=/tmp/demo --config.mode=predict \
+      --config.predict.input=IMAGES --config.predict.output=/tmp/demo/predictions
 
 Any config field can be overridden: --config.optim.lr_g=1e-3.
 """

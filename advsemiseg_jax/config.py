@@ -10,7 +10,7 @@ from advsemiseg_jax import optim
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.mode = "train"              # train | evaluate
+  c.mode = "train"              # train | evaluate | predict (a folder of images, see c.predict)
   c.seed = 0                    # model initialisation and data order
   c.num_steps = 20000           # training iterations (the poly schedule's length)
   c.init_from = ""              # checkpoint directory to start from ("" = none)
@@ -35,6 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.batch_size = 10          # global batch of each stream
   c.data.crop_size = (321, 321)   # (height, width) of training crops
   c.data.eval_size = (505, 505)   # evaluation pads bottom/right to this size
+  c.data.eval_protocol = "pad"    # pad (to eval_size) | whole (largest val image, rounded to 8) | sliding
+  c.data.eval_window = (512, 1024)  # sliding: (h, w) window over the eval_size canvas
+  c.data.eval_stride = (341, 683)   # sliding: (h, w) step between windows (last window ends at the edge)
   c.data.eval_batch_size = 1
   c.data.labeled_fraction = 1.0   # first fraction of a seeded permutation is labeled
   c.data.split_seed = 0           # seed of that permutation
@@ -97,6 +100,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.iter_size = 1
   c.log_every = 50
   c.max_to_keep = 3
+  c.eval_pictures = 3            # fixed val images (input, GT, prediction, D confidence) to TensorBoard per eval
+
+  c.tta = ml_collections.ConfigDict()
+  c.tta.flip = False              # test-time horizontal flip (probabilities averaged; results.json "tta")
+  c.tta.scales = ()               # test-time scales, e.g. (0.75, 1.0, 1.25); () = 1.0 only
+
+  c.predict = ml_collections.ConfigDict()
+  c.predict.input = ""            # mode=predict: folder of JPEG/PNG images (searched recursively)
+  c.predict.output = ""           # mode=predict: output folder (labels/, color/, ...)
+  c.predict.heatmaps = False      # also write softmax-confidence and D-confidence heat maps
+  c.predict.overlay = False       # also write the colour prediction blended over the input
+  c.predict.overlay_alpha = 0.5   # weight of the colour map in the overlay
   return c
 
 

@@ -18,7 +18,10 @@ def confusion_matrix(pred, label, num_classes: int):
 
 
 def summarize(conf, class_names=None):
-  """Metrics (percent) from a confusion matrix.
+  """Metrics (percent) from a confusion matrix (rows: ground truth).
+
+  A class absent from both ground truth and prediction has IoU ``None`` and
+  is left out of ``miou``; an all-ignore matrix gives zeros, not NaNs.
 
   ``miou``: mean IoU over classes present in ground truth or prediction (the
   standard definition). ``miou_nonzero_diag``: the authors' evaluation script's
@@ -47,10 +50,19 @@ def summarize(conf, class_names=None):
 def format_table(results) -> str:
   """The per-class IoU table printed after each evaluation."""
   names = list(results["per_class_iou"])
-  width = max(12, max(len(n) for n in names))
+  width = max(15, max(len(n) for n in names))
   lines = [f"{'class':<{width}}  IoU (%)"]
   for name, value in results["per_class_iou"].items():
     lines.append(f"{name:<{width}}  {'  n/a' if value is None else f'{value:5.1f}'}")
   lines.append(f"{'mIoU':<{width}}  {results['miou']:5.1f}")
+  if "miou_nonzero_diag" in results:
+    lines.append(f"{'mIoU (authors)':<{width}}  {results['miou_nonzero_diag']:5.1f}"
+                 "  (mean over classes with a non-zero diagonal)")
   lines.append(f"{'pixel acc.':<{width}}  {results['pixel_accuracy']:5.1f}")
+  if "mean_class_accuracy" in results:
+    lines.append(f"{'mean class acc.':<{width}}  {results['mean_class_accuracy']:5.1f}")
+  if "tta" in results:
+    lines.append(f"{'mIoU, TTA':<{width}}  {results['tta']['miou']:5.1f}")
+  if "protocol" in results:
+    lines.append(f"protocol: {results['protocol']}")
   return "\n".join(lines)

@@ -70,8 +70,9 @@ class Trainer:
         config, self.source.num_classes)
     self.state = jax.device_put(state, parallel.replicated(self.mesh))
     self.train_step = parallel.jit_train_step(step_fn, self.mesh)
-    self.evaluator = evaluate.Evaluator(self.generator, self.source, config.data,
-                                        self.mesh)
+    self.evaluator = evaluate.Evaluator(
+        self.generator, self.source, config.data, self.mesh, tta_config=config.tta,
+        discriminator=self.discriminator, num_pictures=config.eval_pictures)
 
   def batches(self, start_step: int):
     return streams.train_batches(
@@ -83,12 +84,13 @@ class Trainer:
   def eval_variables(self, state):
     return {"params": state.g_params, "batch_stats": state.g_batch_stats}
 
-  def evaluate(self, state, writer=None):
+  def evaluate(self, state, writer=None, best=None, progress=False):
+    """Evaluates on val, writes results.json (and, with ``writer``, scalars
+    and pictures to TensorBoard); ``best``: the best-checkpoint manager."""
     step = int(jax.device_get(state.step))
     start = time.time()
-    results = self.evaluator(self.eval_variables(state))
+    results = self.evaluator(self.eval_variables(state), progress=progress)
     results.update(step=step, dataset=self.source.name, split="val",
-                   protocol=f"pad to {tuple(self.config.data.eval_size)}",
                    eval_seconds=round(time.time() - start, 2))
     if jax.process_index() == 0:
       evaluate.write_results(self.workdir, results)
@@ -99,6 +101,17 @@ class Trainer:
                                   "val/pixel_accuracy": results["pixel_accuracy"]})
       writer.write_scalars(step, {f"val_iou/{k}": v for k, v in
                                   results["per_class_iou"].items() if v is not None})
+      writer.write_scalars(step, {"val/miou_nonzero_diag": results["miou_nonzero_diag"],
+                                  "val/mean_class_accuracy":
+                                      results["mean_class_accuracy"]})
+      if "tta" in results:
+        writer.write_scalars(step, {"val/tta_miou": results["tta"]["miou"]})
+      if self.evaluator.num_pictures:
+        writer.write_images(step, {"val/pictures": self.evaluator.pictures(
+            self.eval_variables(state), state.d_params)})
+    if best is not None and checkpoint.save_if_best(best, state, results["miou"]):
+      logging.info("new best val mIoU %.2f at step %d: %s", results["miou"], step,
+                   best.directory)
     return results
 
 
@@ -106,8 +119,12 @@ def train_and_evaluate(config, workdir: str):
   """Trains (resuming from ``workdir``'s latest checkpoint) and evaluates.
 
   Returns the results of the last evaluation (also in ``workdir/results.json``).
-  With ``config.mode == "evaluate"`` it only evaluates the latest checkpoint.
+  With ``config.mode == "evaluate"`` it only evaluates the latest checkpoint;
+  with ``"predict"`` it runs ``predict.predict`` (returning its summary).
   """
+  if config.mode == "predict":  # a folder of images, no dataset needed
+    from advsemiseg_jax import predict
+    return predict.predict(config, workdir)
   os.makedirs(workdir, exist_ok=True)
   trainer = Trainer(config, workdir)
   mngr = checkpoint.manager(workdir, config.max_to_keep)
@@ -121,7 +138,9 @@ def train_and_evaluate(config, workdir: str):
     if restored is None and not config.init_from:
       raise FileNotFoundError(f"mode=evaluate but {mngr.directory} holds no checkpoint "
                               "and config.init_from is empty")
-    results = trainer.evaluate(state)
+    results = trainer.evaluate(state, progress=True)
+    if jax.process_index() == 0:
+      print(metrics.format_table(results), flush=True)
     mngr.close()
     return results
 
@@ -132,6 +151,7 @@ def train_and_evaluate(config, workdir: str):
                           if not isinstance(v, dict)})
   report = periodic_actions.ReportProgress(num_train_steps=config.num_steps,
                                            writer=writer)
+  best = checkpoint.best_manager(workdir)
   batches = trainer.batches(start_step)
   pending = []
   results = None
@@ -147,13 +167,15 @@ def train_and_evaluate(config, workdir: str):
       writer.write_scalars(done, {f"train/{k}": v for k, v in averaged.items()})
       pending = []
     if config.eval_every and done % config.eval_every == 0 and done != config.num_steps:
-      results = trainer.evaluate(state, writer)
+      results = trainer.evaluate(state, writer, best)
     if done % config.checkpoint_every == 0 and done != config.num_steps:
       checkpoint.save(mngr, state)
   if start_step < config.num_steps or mngr.latest_step() != config.num_steps:
     checkpoint.save(mngr, state, force=True)
-  results = trainer.evaluate(state, writer)
+  results = trainer.evaluate(state, writer, best)
   mngr.wait_until_finished()
   mngr.close()
+  best.wait_until_finished()
+  best.close()
   writer.flush()
   return results

@@ -8,7 +8,7 @@ from advsemiseg_jax.models import DISCRIMINATORS, DTYPES, STAGE_SIZES
 from advsemiseg_jax.models.discriminator import NUM_DOWNSAMPLINGS
 from advsemiseg_jax.models.layers import BN_MODES, CONV_IMPLS
 
-MODES = ("train", "evaluate")
+MODES = ("train", "evaluate", "predict")
 
 
 class ConfigError(ValueError):
@@ -68,6 +68,7 @@ def validate_config(config, workdir: str = None):
          "checkpoint_every and log_every must be positive")
   _check(config.max_to_keep >= 1, "max_to_keep must be >= 1")
   _validate_data(d)
+  _validate_eval(config)
   if workdir is not None:
     try:
       os.makedirs(workdir, exist_ok=True)
@@ -99,3 +100,29 @@ def _validate_data(d):
       files.parse_label_map(d.label_map)
     except files.DataError as e:
       raise ConfigError(str(e)) from None
+
+
+def _validate_eval(config):
+  """Evaluation protocol, TTA, TensorBoard pictures and predict fields (issue 4)."""
+  from advsemiseg_jax.evaluate import PROTOCOLS
+  d, t, p = config.data, config.tta, config.predict
+  _check(d.eval_protocol in PROTOCOLS,
+         f"data.eval_protocol must be one of {PROTOCOLS}, got {d.eval_protocol!r}")
+  if d.eval_protocol == "sliding":
+    window, stride = tuple(d.eval_window), tuple(d.eval_stride)
+    _check(len(window) == 2 and min(window) >= 32,
+           f"data.eval_window={window} must be (height, width) >= 32")
+    _check(len(stride) == 2 and min(stride) >= 1 and stride[0] <= window[0]
+           and stride[1] <= window[1],
+           f"data.eval_stride={stride} must be positive and at most data.eval_window="
+           f"{window} (windows must overlap or touch)")
+  _check(all(s > 0 for s in t.scales), f"tta.scales must be positive, got {tuple(t.scales)}")
+  _check(config.eval_pictures >= 0, f"eval_pictures must be >= 0, got {config.eval_pictures}")
+  _check(0.0 <= p.overlay_alpha <= 1.0,
+         f"predict.overlay_alpha must be in [0, 1], got {p.overlay_alpha}")
+  if config.mode == "predict":
+    _check(bool(p.input) and os.path.isdir(p.input),
+           f"mode=predict needs --config.predict.input=FOLDER of images, got {p.input!r}")
+    _check(bool(p.output), "mode=predict needs --config.predict.output=FOLDER")
+    _check(os.path.abspath(p.output) != os.path.abspath(p.input),
+           "predict.output must differ from predict.input")
