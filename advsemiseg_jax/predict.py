@@ -84,13 +84,14 @@ def restore_model(config, workdir: str):
   """(generator, discriminator, S's variables, D's parameters) from the latest
   checkpoint in ``workdir`` (or ``config.init_from`` when there is none)."""
   from advsemiseg_jax.train import build_training
-  generator, discriminator, state, _ = build_training(config, config.data.num_classes)
   mngr = checkpoint.manager(workdir, config.max_to_keep)
+  if mngr.latest_step() is None and not config.init_from:
+    mngr.close()
+    raise FileNotFoundError(f"mode=predict but {mngr.directory} holds no checkpoint "
+                            "and config.init_from is empty")
+  generator, discriminator, state, _ = build_training(config, config.data.num_classes)
   restored = checkpoint.restore_latest(mngr, state)
   mngr.close()
-  if restored is None and not config.init_from:
-    raise FileNotFoundError(f"mode=predict but {os.path.join(workdir, 'checkpoints')} "
-                            "holds no checkpoint and config.init_from is empty")
   state = state if restored is None else restored
   return (generator, discriminator,
           {"params": state.g_params, "batch_stats": state.g_batch_stats},
