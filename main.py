@@ -7,7 +7,12 @@
       --config.predict.input=IMAGES --config.predict.output=/tmp/demo/predictions
 
 Any config field can be overridden: --config.optim.lr_g=1e-3.
+Multi-host (one process per host; docs/performance.md): --multihost on TPU
+pods and SLURM/Open MPI clusters, or --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I (or JAX_COORDINATOR_ADDRESS, ...).
 """
+import os
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -15,6 +20,14 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (path[:variants]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+flags.DEFINE_bool("multihost", False, "jax.distributed.initialize() with the cluster "
+                  "detected by JAX (TPU pods, SLURM, Open MPI).")
+flags.DEFINE_string("coordinator_address", "", "HOST:PORT of process 0 (multi-host "
+                    "without a detected cluster; or JAX_COORDINATOR_ADDRESS).")
+flags.DEFINE_integer("num_processes", 0, "Processes in all (or JAX_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", -1, "This process's index (or JAX_PROCESS_ID).")
+flags.DEFINE_bool("xla_cpu_tuning", True, "Add the XLA:CPU flags that make the step "
+                  "faster on CPU (parallel.CPU_XLA_FLAGS) unless XLA_FLAGS sets them.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -35,8 +48,13 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")  # tf.data only; leave GPUs to JAX.
+  from advsemiseg_jax import parallel
+  parallel.set_default_xla_flags(FLAGS.xla_cpu_tuning)  # Before JAX's backend starts.
+  parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                  FLAGS.process_id, auto=FLAGS.multihost)
   from advsemiseg_jax import train
   from advsemiseg_jax.data.files import DataError
+  from advsemiseg_jax.faults import NonFiniteError, Preempted
   from advsemiseg_jax.validate import ConfigError
   logging.set_verbosity(logging.INFO)
   quiet_library_logs()
@@ -46,6 +64,12 @@ def main(argv):
     raise SystemExit(f"config error: {e}") from None
   except DataError as e:
     raise SystemExit(f"data error: {e}") from None
+  except NonFiniteError as e:
+    raise SystemExit(f"training stopped: {e}") from None
+  except Preempted as e:  # SIGTERM: the checkpoint is saved; exit 0 at once,
+    logging.warning("%s", e)  # without waiting for the input threads to wind down.
+    logging.flush()
+    os._exit(0)  # pylint: disable=protected-access
 
 
 if __name__ == "__main__":

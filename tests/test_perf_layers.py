@@ -1,0 +1,80 @@
+"""The convolution implementation switch, rematerialisation and XLA flags:
+same parameters and same results as the default implementation."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from advsemiseg_jax import parallel
+from advsemiseg_jax.models import DeepLabV2, layers
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_dot_conv_equals_lax_conv(stride):
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 7, 5))
+  ref = nn.Conv(6, (1, 1), strides=stride, use_bias=True)
+  variables = ref.init(jax.random.PRNGKey(1), x)
+  variables = jax.tree.map(lambda v: v + 0.3, variables)  # non-zero bias
+  dot = layers.conv_module("dot")(6, (1, 1), strides=stride, use_bias=True)
+  assert jax.tree.structure(dot.init(jax.random.PRNGKey(1), x)) == jax.tree.structure(variables)
+  np.testing.assert_allclose(dot.apply(variables, x), ref.apply(variables, x),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_summed_dilated_convs_equal_lax_conv():
+  """Map 9x7 against dilations 6..24: most taps fall in the padding."""
+  keys = jax.random.split(jax.random.PRNGKey(0), 9)
+  x = jax.random.normal(keys[0], (2, 9, 7, 8))
+  dilations = (6, 12, 18, 24)
+  kernels = [jax.random.normal(k, (3, 3, 8, 5)) for k in keys[1:5]]
+  biases = [jax.random.normal(k, (5,)) for k in keys[5:9]]
+  expected = sum(
+      lax.conv_general_dilated(x, k, (1, 1), ((d, d), (d, d)), rhs_dilation=(d, d),
+                               dimension_numbers=("NHWC", "HWIO", "NHWC")) + b
+      for k, b, d in zip(kernels, biases, dilations))
+  got = layers.summed_dilated_convs(x, kernels, biases, dilations)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_unknown_conv_impl_fails():
+  with pytest.raises(ValueError, match="conv_impl"):
+    layers.conv_module("winograd")
+
+
+def _grads(model, variables, x):
+  def loss(params):
+    out, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                         x, train=True, mutable=["batch_stats"])
+    return jnp.sum(out ** 2)
+  return jax.grad(loss)(variables["params"])
+
+
+@pytest.mark.parametrize("conv_impl,remat", [("xla", (1, 3)), ("dot", (2, 4))])
+def test_deeplab_variants_match_the_default(conv_impl, remat):
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 41, 33, 3)) * 30
+  kwargs = dict(num_classes=5, stage_sizes=(1, 1, 1, 1), width=8, aspp_branches=2)
+  ref = DeepLabV2(**kwargs)
+  variables = ref.init(jax.random.PRNGKey(0), x)
+  model = DeepLabV2(conv_impl=conv_impl, remat_stages=remat, **kwargs)
+  same_init = model.init(jax.random.PRNGKey(0), x)
+  for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(same_init)):
+    np.testing.assert_array_equal(a, b)
+  assert jax.tree.structure(variables) == jax.tree.structure(same_init)
+  np.testing.assert_allclose(model.apply(variables, x), ref.apply(variables, x),
+                             rtol=1e-4, atol=1e-4)
+  for a, b in zip(jax.tree.leaves(_grads(model, variables, x)),
+                  jax.tree.leaves(_grads(ref, variables, x))):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * float(np.abs(b).max()))
+
+
+def test_xla_flags_added_but_user_setting_kept(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+  flags = parallel.set_default_xla_flags()
+  assert "--xla_force_host_platform_device_count=2" in flags
+  assert parallel.CPU_XLA_FLAGS[0] in flags
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+  assert parallel.set_default_xla_flags() == "--xla_cpu_experimental_ynn_fusion_type="
+  monkeypatch.setenv("XLA_FLAGS", "")
+  assert parallel.set_default_xla_flags(enable=False) == ""
