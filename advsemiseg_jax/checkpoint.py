@@ -1,14 +1,37 @@
-"""Orbax checkpoints of the whole training state in ``WORKDIR/checkpoints``."""
+"""Orbax checkpoints of the whole training state in ``WORKDIR/checkpoints``.
+
+Saves are atomic: Orbax writes a step into a temporary directory and renames
+it when complete, so a kill during a save leaves only a temporary directory
+(removed at the next start) and every listed step is finalised. On restore,
+a step that still cannot be read (damaged files) is moved to
+``WORKDIR/checkpoints_corrupt`` with a warning and the previous step is used;
+a checkpoint whose tree or shapes differ from the configured model is refused
+with the differing entries named, never overwritten.
+"""
 import os
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+
+from advsemiseg_jax.validate import ConfigError
+
+CORRUPT_DIR = "checkpoints_corrupt"
+
+
+class CheckpointMismatchError(ConfigError):
+  """The workdir's checkpoint was written by a different model config."""
 
 
 def manager(workdir: str, max_to_keep: int) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+  """The manager of ``WORKDIR/checkpoints``, keeping the newest ``max_to_keep``
+  steps; temporary directories of interrupted saves are cleaned up."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                         cleanup_tmp_directories=True)
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                               options=options)
+                               options=options,
+                               item_handlers=ocp.StandardCheckpointHandler())
 
 
 def save(mngr: ocp.CheckpointManager, state, force: bool = False):
@@ -17,15 +40,86 @@ def save(mngr: ocp.CheckpointManager, state, force: bool = False):
   return step
 
 
-def restore_latest(mngr: ocp.CheckpointManager, state):
-  """The latest checkpoint restored into ``state``'s structure and shardings,
-  or ``None`` when there is none."""
-  step = mngr.latest_step()
-  if step is None:
-    return None
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+def _key_name(key) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
 
+
+def flat_shapes(tree) -> dict:
+  """{"g_params/layer5/conv2d_list_0/kernel": shape, ...} of a state or of a
+  checkpoint's metadata tree (both spell paths the same way)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(_key_name(k) for k in path): tuple(getattr(leaf, "shape", ()))
+          for path, leaf in leaves}
+
+
+def mismatches(stored: dict, expected: dict) -> list:
+  """Lines naming the entries whose presence or shape differ."""
+  out = []
+  for name in sorted(set(stored) | set(expected)):
+    if name not in stored:
+      out.append(f"{name}: missing in the checkpoint")
+    elif name not in expected:
+      out.append(f"{name}: not in this config's model")
+    elif stored[name] != expected[name]:
+      out.append(f"{name}: checkpoint {stored[name]} vs config {expected[name]}")
+  return out
+
+
+def step_dir(mngr: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(str(mngr.directory), str(step))
+
+
+def _set_aside(mngr: ocp.CheckpointManager, step: int, error: Exception) -> str:
+  """Moves an unreadable step out of the manager's directory (kept for
+  inspection, and so that a later save of that step does not collide)."""
+  src = step_dir(mngr, step)
+  root = os.path.join(os.path.dirname(str(mngr.directory)), CORRUPT_DIR)
+  os.makedirs(root, exist_ok=True)
+  dst, n = os.path.join(root, str(step)), 1
+  while os.path.exists(dst):
+    dst, n = os.path.join(root, f"{step}.{n}"), n + 1
+  if jax.process_index() == 0:
+    shutil.move(src, dst)
+  summary = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+  logging.warning("checkpoint %s is unreadable (%s: %s); moved to %s, using the "
+                  "previous checkpoint", src, type(error).__name__, summary, dst)
+  return dst
+
+
+def restore_latest(mngr: ocp.CheckpointManager, state):
+  """The latest readable checkpoint restored into ``state``'s structure and
+  shardings, or ``None`` when there is none.
+
+  Unreadable steps are set aside with a warning (see the module docstring);
+  a readable checkpoint of a different model raises CheckpointMismatchError.
+  """
+  expected = flat_shapes(state)
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      stored = flat_shapes(mngr.item_metadata(step))
+      if not stored:
+        raise ValueError("no array metadata")
+    except Exception as e:  # pylint: disable=broad-except  # Orbax/TensorStore raise many types.
+      _set_aside(mngr, step, e)
+      mngr.reload()
+      continue
+    diff = mismatches(stored, expected)
+    if diff:
+      shown = "; ".join(diff[:6]) + (f"; ... {len(diff) - 6} more" if len(diff) > 6 else "")
+      raise CheckpointMismatchError(
+          f"{step_dir(mngr, step)} was written by a different model config "
+          f"({len(diff)} entries differ: {shown}). Use another --workdir, or the "
+          "config that wrote it")
+    try:
+      return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+    except Exception as e:  # pylint: disable=broad-except
+      _set_aside(mngr, step, e)
+      mngr.reload()
+  return None
 
 BEST_DIR = "best"
 

@@ -91,15 +91,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.adam_b1 = 0.9
   c.optim.adam_b2 = 0.99
   c.optim.g_rules = optim.DEFAULT_G_RULES
-
-  c.eval_every = 1000             # steps between evaluations (0 = only at the end)
-  c.checkpoint_every = 1000
   # Gradient accumulation (the authors' --iter-size): each step splits the
   # batch into iter_size microbatches (own BN statistics each) and applies the
   # mean of their gradients once.
   c.optim.iter_size = 1
+
+  c.eval_every = 1000             # steps between evaluations (0 = only at the end)
+  c.checkpoint_every = 1000
   c.log_every = 50
-  c.max_to_keep = 3
+  c.max_to_keep = 3               # newest training checkpoints kept in WORKDIR/checkpoints
+  # A non-finite loss or gradient: "stop" ends the run naming the step (the
+  # last good checkpoint stays); "skip" drops that update and counts it.
+  c.nonfinite_policy = "stop"
   c.eval_pictures = 3            # fixed val images (input, GT, prediction, D confidence) to TensorBoard per eval
 
   c.tta = ml_collections.ConfigDict()

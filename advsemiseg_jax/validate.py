@@ -7,6 +7,7 @@ from advsemiseg_jax.data import files, sources
 from advsemiseg_jax.models import DISCRIMINATORS, DTYPES, STAGE_SIZES
 from advsemiseg_jax.models.discriminator import NUM_DOWNSAMPLINGS
 from advsemiseg_jax.models.layers import BN_MODES, CONV_IMPLS
+from advsemiseg_jax.faults import NONFINITE_POLICIES
 
 MODES = ("train", "evaluate", "predict")
 
@@ -30,7 +31,6 @@ def validate_config(config, workdir: str = None):
          f"model.discriminator must be one of {sorted(DISCRIMINATORS)}, got {m.discriminator!r}")
   _check(m.aspp_branches in (1, 2, 3, 4), f"model.aspp_branches must be 1..4, got {m.aspp_branches}")
   _check(m.width > 0 and m.disc_width > 0, "model.width and model.disc_width must be positive")
-  _check(config.num_steps > 0, f"num_steps must be positive, got {config.num_steps}")
   _check(m.compute_dtype in DTYPES,
          f"model.compute_dtype must be one of {sorted(DTYPES)}, got {m.compute_dtype!r}")
   _check(m.conv_impl in CONV_IMPLS,
@@ -39,6 +39,7 @@ def validate_config(config, workdir: str = None):
          f"model.remat_stages must name stages 1..4, got {tuple(m.remat_stages)}")
   _check(o.iter_size >= 1 and d.batch_size % o.iter_size == 0,
          f"data.batch_size={d.batch_size} must be a multiple of optim.iter_size={o.iter_size}")
+  _check(config.num_steps > 0, f"num_steps must be positive, got {config.num_steps}")
   _check(0.0 < d.labeled_fraction <= 1.0,
          f"data.labeled_fraction must be in (0, 1], got {d.labeled_fraction}")
   _check(0.0 <= l.t_semi <= 1.0, f"loss.t_semi must be in [0, 1], got {l.t_semi}")
@@ -54,7 +55,9 @@ def validate_config(config, workdir: str = None):
            f"num_steps={config.num_steps}")
   min_size = 2**NUM_DOWNSAMPLINGS
   crop = tuple(d.crop_size)
-  _check(len(crop) == 2 and min(crop) >= min_size,
+  _check(len(crop) == 2 and all(isinstance(v, int) for v in crop),
+         f"data.crop_size={crop} must be (height, width), two integers")
+  _check(min(crop) >= min_size,
          f"data.crop_size={crop}: both sides must be >= {min_size} "
          f"(the discriminator downsamples by {min_size})")
   _check(len(tuple(d.eval_size)) == 2 and min(d.eval_size) >= 8,
@@ -67,6 +70,11 @@ def validate_config(config, workdir: str = None):
   _check(config.checkpoint_every > 0 and config.log_every > 0,
          "checkpoint_every and log_every must be positive")
   _check(config.max_to_keep >= 1, "max_to_keep must be >= 1")
+  _check(config.nonfinite_policy in NONFINITE_POLICIES,
+         f"nonfinite_policy must be one of {NONFINITE_POLICIES}, "
+         f"got {config.nonfinite_policy!r}")
+  _validate_devices(d)
+  _validate_num_classes(d)
   _validate_data(d)
   _validate_eval(config)
   if workdir is not None:
@@ -76,6 +84,30 @@ def validate_config(config, workdir: str = None):
         pass
     except OSError as e:
       raise ConfigError(f"workdir {workdir!r} cannot be written: {e}") from e
+
+
+def _validate_devices(d):
+  """Every global batch is split evenly over the devices (and hosts)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  n = jax.device_count()
+  for name in ("batch_size", "eval_batch_size"):
+    _check(d[name] % n == 0,
+           f"data.{name}={d[name]} is not divisible by the {n} devices "
+           f"({jax.process_count()} host(s)); use a multiple of {n}")
+
+
+# File datasets whose class count is fixed, checked before any file is read
+# (folder and tfds take data.num_classes; the demo's generated source is
+# checked by the trainer right after it is built, still before any compile).
+FIXED_NUM_CLASSES = {"voc": len(sources.VOC_CLASSES),
+                     "cityscapes": len(sources.CITYSCAPES_CLASSES)}
+
+
+def _validate_num_classes(d):
+  _check(d.num_classes >= 1, f"data.num_classes must be >= 1, got {d.num_classes}")
+  fixed = FIXED_NUM_CLASSES.get(d.name)
+  _check(fixed is None or d.num_classes == fixed,
+         f"data.num_classes={d.num_classes} but dataset {d.name!r} has {fixed} classes")
 
 
 def _validate_data(d):

@@ -113,8 +113,20 @@ def _open(path: str, what: str) -> Image.Image:
 
 
 def read_image(path: str) -> np.ndarray:
-  """An RGB uint8 HxWx3 array (grey, palette and RGBA images are converted)."""
+  """An RGB uint8 HxWx3 array (grey, palette, RGBA and CMYK images are
+  converted; 16-bit grey is rounded to 8 bits, v / 257, where PIL's own
+  conversion would clip everything above 255 to white)."""
   img = _open(path, "image")
+  if img.mode.startswith("I"):  # I;16, I;16B, I (32-bit ints holding 16-bit PNGs)
+    grey = np.asarray(img).astype(np.int64)
+    if grey.size and (grey.min() < 0 or grey.max() > 65535):
+      raise DataError(f"image {path}: integer values outside 0..65535 "
+                      f"(min {grey.min()}, max {grey.max()}); expected 8- or 16-bit")
+    grey = ((grey + 128) // 257).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
+  if img.mode == "F":
+    raise DataError(f"image {path} has floating-point pixels (mode 'F'); expected "
+                    "8- or 16-bit grey, RGB, RGBA, CMYK or palette")
   if img.mode != "RGB":
     img = img.convert("RGB")
   return np.asarray(img, np.uint8)
