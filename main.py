@@ -12,9 +12,15 @@ pods and SLURM/Open MPI clusters, or --coordinator_address=HOST:PORT
 --num_processes=N --process_id=I (or JAX_COORDINATOR_ADDRESS, ...).
 """
 import os
+import signal
+import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+# SIGTERM before training starts (imports, config, data): nothing to save yet,
+# so exit 0 at once; train_and_evaluate handles it from then on.
+signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+
+from absl import app, flags, logging  # noqa: E402  pylint: disable=g-import-not-at-top
+from ml_collections import config_flags  # noqa: E402  pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (path[:variants]).",
