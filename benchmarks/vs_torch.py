@@ -1,0 +1,193 @@
+"""The same training iteration in our JAX step and in torch, side by side.
+
+  python benchmarks/vs_torch.py                         # ResNet-101, 161x161, batch 2
+  python benchmarks/vs_torch.py --size=321 --rounds=5
+  python benchmarks/vs_torch.py --backbone=tiny --width=8 --size=65 --rounds=3   # smoke run
+
+torch runs tests/torch_reference.py's re-implementation of the authors'
+iteration (unlabeled batch with L_semi_adv + L_semi, labeled batch with L_ce
++ L_adv, D on fake and real; ASPP with their early return), JAX runs
+configs/voc_reference.py (the same work: two ASPP branches, semi on from step
+0). Each framework lives in its own long-lived worker process; the parent
+alternates single steps between them (torch, JAX, torch, JAX, ...), so load
+from other processes on the machine falls on both alike, and the ratio of the
+medians is more robust than either time. Each worker reports its own maximum
+resident set size. One table: machine, load average, both medians and
+spreads, the ratio JAX / torch, peak memory, per JAX precision asked for.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_CLASSES = 21
+
+
+def torch_worker(args):
+  """Reads "step" lines, answers each with the step's seconds (JSON)."""
+  import resource
+  import warnings
+  import numpy as np
+  import torch
+  sys.path.insert(0, os.path.join(ROOT, "tests"))
+  import torch_reference as tr
+  torch.set_num_threads(args.threads or os.cpu_count())
+  torch.manual_seed(0)
+  blocks = {"resnet101": (3, 4, 23, 3), "resnet50": (3, 4, 6, 3), "tiny": (1, 1, 1, 1)}
+  model = tr.ResNetDeepLab(NUM_CLASSES, blocks[args.backbone], args.width, early_return=True)
+  model_d = tr.FCDiscriminator(NUM_CLASSES, 64)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    opt_g, opt_d = tr.make_optimizers(model, model_d, 2.5e-4, 1e-4)
+  cfg = dict(lr_g=2.5e-4, lr_d=1e-4, num_steps=20000, power=0.9, lambda_adv=0.01,
+             lambda_semi_adv=0.001, lambda_semi=0.1, t_semi=0.2, semi_start=0,
+             semi_start_adv=0, num_classes=NUM_CLASSES)
+  batch = make_batch(args.batch, args.size)
+  step = 0
+  for line in sys.stdin:
+    start = time.perf_counter()
+    tr.train_iteration(model, model_d, opt_g, opt_d, batch, step, cfg)
+    step += 1
+    print(json.dumps({"seconds": time.perf_counter() - start,
+                      "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}),
+          flush=True)
+
+
+def jax_worker(args):
+  """As ``torch_worker``, for the JAX step (compiled before the first answer)."""
+  sys.path.insert(0, ROOT)
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  from advsemiseg_jax import parallel
+  parallel.set_default_xla_flags(bool(args.xla_cpu_tuning))
+  import resource
+  import jax
+  import train_step as ts
+  from advsemiseg_jax.config import load_config
+  config = load_config(os.path.join(ROOT, "configs/voc_reference.py"))
+  config.unlock()
+  config.model.backbone, config.model.width = args.backbone, args.width
+  config.model.compute_dtype, config.model.conv_impl = args.dtype, args.conv_impl
+  config.loss.semi_start = 0
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  state, step_fn = ts.build_state(config, NUM_CLASSES)
+  state = jax.device_put(state, parallel.replicated(mesh))
+  batch = parallel.to_global(make_batch(args.batch, args.size), mesh)
+  step = parallel.jit_train_step(step_fn, mesh).lower(state, batch).compile()
+  for line in sys.stdin:
+    start = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready((state, metrics))
+    print(json.dumps({"seconds": time.perf_counter() - start,
+                      "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}),
+          flush=True)
+
+
+def make_batch(batch, size):
+  """The batch both frameworks train on (labels 5% ignored)."""
+  import numpy as np
+  rng = np.random.RandomState(0)
+
+  def labels():
+    lab = rng.randint(0, NUM_CLASSES, (batch, size, size)).astype(np.int32)
+    lab[rng.rand(batch, size, size) < 0.05] = 255
+    return lab
+  image = lambda: (rng.randn(batch, size, size, 3) * 50).astype(np.float32)
+  return {"image": image(), "label": labels(), "unlabeled_image": image(),
+          "gt_label": labels()}
+
+
+class Worker:
+  """A worker process driven one step at a time."""
+
+  def __init__(self, kind, args, extra=()):
+    cmd = [sys.executable, os.path.abspath(__file__), f"--worker={kind}",
+           f"--backbone={args.backbone}", f"--width={args.width}", f"--size={args.size}",
+           f"--batch={args.batch}", f"--threads={args.threads}",
+           f"--xla_cpu_tuning={args.xla_cpu_tuning}", *extra]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 text=True, env=env)
+    self.times, self.rss = [], 0
+
+  def step(self, record=True):
+    self.proc.stdin.write("step\n")
+    self.proc.stdin.flush()
+    line = self.proc.stdout.readline()
+    if not line:
+      raise RuntimeError(f"worker {self.proc.args[2]} ended (status {self.proc.wait()})")
+    answer = json.loads(line)
+    if record:
+      self.times.append(answer["seconds"])
+    self.rss = answer["rss"]
+
+  def close(self):
+    self.proc.stdin.close()
+    self.proc.wait()
+
+
+def machine() -> str:
+  model = "cpu"
+  try:
+    with open("/proc/cpuinfo") as f:
+      model = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  return f"{model}, {os.cpu_count()} cores"
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--worker", default="")
+  parser.add_argument("--backbone", default="resnet101")
+  parser.add_argument("--width", type=int, default=64)
+  parser.add_argument("--size", type=int, default=161)
+  parser.add_argument("--batch", type=int, default=2)
+  parser.add_argument("--rounds", type=int, default=5, help="timed steps of each")
+  parser.add_argument("--warmup", type=int, default=1)
+  parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+  parser.add_argument("--dtypes", default="float32,bfloat16", help="JAX compute dtypes")
+  parser.add_argument("--dtype", default="float32")
+  parser.add_argument("--conv_impl", default="dot", help="JAX model.conv_impl")
+  parser.add_argument("--xla_cpu_tuning", type=int, default=1)
+  args = parser.parse_args()
+  if args.worker == "torch":
+    return torch_worker(args)
+  if args.worker == "jax":
+    return jax_worker(args)
+
+  load_before = os.getloadavg()
+  torch_w = Worker("torch", args)
+  jax_ws = {d: Worker("jax", args, (f"--dtype={d}", f"--conv_impl={args.conv_impl}"))
+            for d in args.dtypes.split(",")}
+  workers = [torch_w, *jax_ws.values()]
+  for _ in range(args.warmup):
+    for w in workers:
+      w.step(record=False)
+  for _ in range(args.rounds):
+    for w in workers:
+      w.step()
+  for w in workers:
+    w.close()
+
+  import numpy as np
+  med = lambda w: float(np.median(w.times))
+  spread = lambda w: f"{min(w.times):.2f}-{max(w.times):.2f}"
+  print(f"\n## one training iteration, JAX vs torch: {args.backbone} (width {args.width}), "
+        f"{args.size}x{args.size}, batch {args.batch}, semi on\n")
+  print(f"machine: {machine()}; load average before {load_before[0]:.2f}, "
+        f"after {os.getloadavg()[0]:.2f}; torch threads {args.threads or os.cpu_count()}; "
+        f"JAX conv_impl={args.conv_impl}, XLA CPU flags {'on' if args.xla_cpu_tuning else 'off'}; "
+        f"{args.rounds} alternating rounds after {args.warmup} warm-up\n")
+  print("| run | median s | min-max s | JAX / torch | peak RSS GiB |\n|---|---|---|---|---|")
+  print(f"| torch float32 | {med(torch_w):.2f} | {spread(torch_w)} | 1.00 | "
+        f"{torch_w.rss / 2**30:.2f} |")
+  for dtype, w in jax_ws.items():
+    print(f"| JAX {dtype} | {med(w):.2f} | {spread(w)} | {med(w) / med(torch_w):.2f} | "
+          f"{w.rss / 2**30:.2f} |")
+
+
+if __name__ == "__main__":
+  main()
