@@ -170,7 +170,8 @@ def conv_module(impl: str) -> Callable[..., nn.Module]:
     return nn.Conv
 
   def make(features, kernel_size, strides=1, padding="SAME", **kwargs):
-    if tuple(kernel_size) == (1, 1) and kwargs.get("kernel_dilation", 1) == 1:
+    unpadded = padding in ("SAME", "VALID", 0, ((0, 0), (0, 0)))
+    if tuple(kernel_size) == (1, 1) and unpadded and kwargs.get("kernel_dilation", 1) == 1:
       kwargs.pop("kernel_dilation", None)
       return DotConv(features, kernel_size, strides=strides, **kwargs)
     return nn.Conv(features, kernel_size, strides=strides, padding=padding, **kwargs)
