@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import optax
 
 from advsemiseg_jax import losses
+from advsemiseg_jax.faults import (NONFINITE_D_GRAD, NONFINITE_G_GRAD, NONFINITE_LOSS,
+                                   NONFINITE_POLICIES)
 from advsemiseg_jax.models import confidence_logits, upsample_logits
 
 
@@ -21,6 +23,34 @@ class TrainState:
   g_opt_state: Any
   d_opt_state: Any
   rng: jnp.ndarray
+  # Updates skipped by ``nonfinite_policy="skip"`` (int32 scalar in training).
+  nonfinite_skips: Any = 0
+
+
+def _all_finite(tree) -> jnp.ndarray:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def guard_nonfinite(state, new_state, metrics, g_grads, d_grads, policy: str):
+  """Adds ``metrics["nonfinite"]`` (0, or an OR of the NONFINITE_* bits) and,
+  with ``policy="skip"``, keeps ``state`` (step advanced, skip counted) when
+  any loss or gradient is not finite. No host sync: the trainer reads the
+  flag when it fetches the measurements."""
+  losses_ok = _all_finite({k: v for k, v in metrics.items() if k.startswith("loss")})
+  g_ok = _all_finite(g_grads)
+  d_ok = _all_finite(d_grads) if d_grads is not None else jnp.bool_(True)
+  flag = (jnp.where(losses_ok, 0, NONFINITE_LOSS) + jnp.where(g_ok, 0, NONFINITE_G_GRAD)
+          + jnp.where(d_ok, 0, NONFINITE_D_GRAD)).astype(jnp.int32)
+  metrics = dict(metrics, nonfinite=flag)
+  if policy == "skip":
+    ok = flag == 0
+    kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+    new_state = kept.replace(
+        step=new_state.step,
+        nonfinite_skips=state.nonfinite_skips + jnp.where(ok, 0, 1).astype(jnp.int32))
+  elif policy != "stop":
+    raise ValueError(f"nonfinite_policy must be one of {NONFINITE_POLICIES}, got {policy!r}")
+  return new_state, metrics
 
 
 def uses_unlabeled(loss_config) -> bool:
@@ -33,13 +63,22 @@ def uses_discriminator(loss_config) -> bool:
 
 
 def make_train_step(loss_config, generator, discriminator, g_tx, d_tx,
-                    g_schedule, d_schedule):
+                    g_schedule, d_schedule, nonfinite_policy: str = "stop",
+                    iter_size: int = 1):
   """Builds ``train_step(state, batch) -> (state, metrics)``.
 
   ``batch`` holds ``image`` (B,H,W,3), ``label`` (B,H,W) and, when the method
   needs them, ``unlabeled_image`` and ``gt_label`` (D's real examples).
   Which terms exist is fixed by the config; when they switch on
   (``semi_start``, ``semi_start_adv``) is decided inside the compiled step.
+  ``nonfinite_policy`` (see ``guard_nonfinite``): "stop" only flags a
+  non-finite loss or gradient in ``metrics["nonfinite"]``; "skip" also keeps
+  the previous state for that step.
+  ``iter_size`` > 1 accumulates gradients as the authors' ``--iter-size``:
+  the batch is split into ``iter_size`` microbatches (row ``r`` goes to
+  microbatch ``r % iter_size``, so every device's rows split evenly), each
+  normalised with its own BN statistics (running averages updated in turn),
+  and both optimisers apply the mean of the microbatch gradients once.
   """
   lc = loss_config
   with_unlabeled, with_d = uses_unlabeled(lc), uses_discriminator(lc)
@@ -56,14 +95,16 @@ def make_train_step(loss_config, generator, discriminator, g_tx, d_tx,
     return confidence_logits(discriminator.apply({"params": d_params}, probs),
                              probs.shape[1:3])
 
-  def train_step(state, batch):
+  def gradients(state, batch, batch_stats):
+    """S's and D's gradients on one (micro)batch at ``state``'s parameters:
+    (g_grads, d_grads or None, S's new BN statistics, measurements)."""
     step = state.step
     labels = batch["label"]
     semi_on = step >= lc.semi_start
     semi_adv_on = step >= lc.semi_start_adv
 
     def g_loss_fn(g_params):
-      stats = state.g_batch_stats
+      stats = batch_stats
       out = {}
       total_unl = 0.0
       if with_unlabeled:  # Unlabeled first, then labeled, as the authors' code.
@@ -91,11 +132,9 @@ def make_train_step(loss_config, generator, discriminator, g_tx, d_tx,
         g_loss_fn, has_aux=True)(state.g_params)
     metrics = {k: v for k, v in out.items() if not k.endswith("logits")}
     metrics["loss_g"] = loss_g
-    g_updates, g_opt_state = g_tx.update(g_grads, state.g_opt_state, state.g_params)
-    g_params = optax.apply_updates(state.g_params, g_updates)
     metrics["lr_g"] = g_schedule(step)
 
-    d_params, d_opt_state = state.d_params, state.d_opt_state
+    d_grads = None
     if with_d:
       # Fake: S's predictions (constants for D); real: one-hot ground truth.
       fake = [jax.nn.softmax(out["logits"])]
@@ -115,17 +154,49 @@ def make_train_step(loss_config, generator, discriminator, g_tx, d_tx,
 
       (metrics["loss_d"], (fake_logits, real_logits)), d_grads = jax.value_and_grad(
           d_loss_fn, has_aux=True)(state.d_params)
-      d_updates, d_opt_state = d_tx.update(d_grads, state.d_opt_state, state.d_params)
-      d_params = optax.apply_updates(state.d_params, d_updates)
       metrics["d_acc_fake"] = losses.masked_mean(
           (fake_logits < 0).astype(jnp.float32), fake_mask)
       metrics["d_acc_real"] = losses.masked_mean(
           (real_logits > 0).astype(jnp.float32), real_mask)
       metrics["lr_d"] = d_schedule(step)
+    return g_grads, d_grads, new_stats, metrics
 
-    new_state = state.replace(step=step + 1, g_params=g_params,
+  def accumulated_gradients(state, batch):
+    """``gradients`` over ``iter_size`` microbatches in one scan: the mean
+    gradients, the BN statistics after the last one, the mean measurements."""
+    micro = jax.tree.map(lambda x: jnp.swapaxes(
+        x.reshape((-1, iter_size) + x.shape[1:]), 0, 1), batch)
+    zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
+
+    def one(carry, microbatch):
+      stats, g_sum, d_sum = carry
+      g_grads, d_grads, stats, metrics = gradients(state, microbatch, stats)
+      g_sum = jax.tree.map(jnp.add, g_sum, g_grads)
+      d_sum = None if d_grads is None else jax.tree.map(jnp.add, d_sum, d_grads)
+      return (stats, g_sum, d_sum), metrics
+
+    init = (state.g_batch_stats, zeros(state.g_params),
+            zeros(state.d_params) if with_d else None)
+    (new_stats, g_sum, d_sum), metrics = jax.lax.scan(one, init, micro)
+    mean = lambda tree: jax.tree.map(lambda x: x / iter_size, tree)
+    metrics = jax.tree.map(lambda x: jnp.mean(x, axis=0), metrics)
+    return mean(g_sum), None if d_sum is None else mean(d_sum), new_stats, metrics
+
+  def train_step(state, batch):
+    if iter_size == 1:
+      g_grads, d_grads, new_stats, metrics = gradients(state, batch, state.g_batch_stats)
+    else:
+      g_grads, d_grads, new_stats, metrics = accumulated_gradients(state, batch)
+    g_updates, g_opt_state = g_tx.update(g_grads, state.g_opt_state, state.g_params)
+    g_params = optax.apply_updates(state.g_params, g_updates)
+    d_params, d_opt_state = state.d_params, state.d_opt_state
+    if d_grads is not None:
+      d_updates, d_opt_state = d_tx.update(d_grads, state.d_opt_state, state.d_params)
+      d_params = optax.apply_updates(state.d_params, d_updates)
+    new_state = state.replace(step=state.step + 1, g_params=g_params,
                               g_batch_stats=new_stats, d_params=d_params,
                               g_opt_state=g_opt_state, d_opt_state=d_opt_state)
-    return new_state, metrics
+    return guard_nonfinite(state, new_state, metrics, g_grads, d_grads,
+                           nonfinite_policy)
 
   return train_step

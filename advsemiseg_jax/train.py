@@ -1,6 +1,5 @@
 """``train_and_evaluate(config, workdir)``: the training loop, periodic
 evaluation, checkpoints, metric writers and resume."""
-import os
 import time
 
 import jax
@@ -11,10 +10,11 @@ from clu import metric_writers, periodic_actions
 
 from advsemiseg_jax import (checkpoint, convert, evaluate, metrics, models, optim,
                             parallel)
+from advsemiseg_jax import faults
 from advsemiseg_jax.data import sources, splits, streams
 from advsemiseg_jax.step import (TrainState, make_train_step, uses_discriminator,
                                  uses_unlabeled)
-from advsemiseg_jax.validate import validate_config
+from advsemiseg_jax.validate import ConfigError, validate_config
 
 
 def init_variables(config, generator, discriminator, num_classes, rng):
@@ -42,9 +42,11 @@ def build_training(config, num_classes: int):
       step=jnp.zeros((), jnp.int32), g_params=g_vars["params"],
       g_batch_stats=g_vars["batch_stats"], d_params=d_vars["params"],
       g_opt_state=g_tx.init(g_vars["params"]),
-      d_opt_state=d_tx.init(d_vars["params"]), rng=rng)
+      d_opt_state=d_tx.init(d_vars["params"]), rng=rng,
+      nonfinite_skips=jnp.zeros((), jnp.int32))
   step_fn = make_train_step(config.loss, generator, discriminator, g_tx, d_tx,
-                            g_sched, d_sched)
+                            g_sched, d_sched, nonfinite_policy=config.nonfinite_policy,
+                            iter_size=config.optim.iter_size)
   return generator, discriminator, state, step_fn
 
 
@@ -58,8 +60,8 @@ class Trainer:
     parallel.check_batch(config.data.batch_size, self.mesh)
     self.source = sources.get_source(config.data)
     if self.source.num_classes != config.data.num_classes:
-      raise ValueError(f"data.num_classes={config.data.num_classes} but dataset "
-                       f"{self.source.name!r} has {self.source.num_classes} classes")
+      raise ConfigError(f"data.num_classes={config.data.num_classes} but dataset "
+                        f"{self.source.name!r} has {self.source.num_classes} classes")
     self.labeled_ids, self.unlabeled_ids = splits.make_split(
         self.source.splits["train"], config.data, workdir, self.source.name)
     if uses_unlabeled(config.loss) and len(self.unlabeled_ids) == 0:
@@ -121,12 +123,18 @@ def train_and_evaluate(config, workdir: str):
   Returns the results of the last evaluation (also in ``workdir/results.json``).
   With ``config.mode == "evaluate"`` it only evaluates the latest checkpoint;
   with ``"predict"`` it runs ``predict.predict`` (returning its summary).
+  SIGTERM during training saves a checkpoint of the current step and raises
+  ``faults.Preempted`` (before training starts it exits at once with status 0).
   """
+  with faults.Preemption() as preemption:
+    return _train_and_evaluate(config, workdir, preemption)
+
+
+def _train_and_evaluate(config, workdir: str, preemption):
   if config.mode == "predict":  # a folder of images, no dataset needed
     from advsemiseg_jax import predict
     return predict.predict(config, workdir)
-  os.makedirs(workdir, exist_ok=True)
-  trainer = Trainer(config, workdir)
+  trainer = Trainer(config, workdir)  # validate_config creates the workdir
   mngr = checkpoint.manager(workdir, config.max_to_keep)
   restored = checkpoint.restore_latest(mngr, trainer.state)
   state = trainer.state if restored is None else restored
@@ -154,24 +162,53 @@ def train_and_evaluate(config, workdir: str):
   best = checkpoint.best_manager(workdir)
   batches = trainer.batches(start_step)
   pending = []
+  guard = faults.NonFiniteGuard(config.nonfinite_policy, mngr)
   results = None
+  preemption.armed = True
   for step in range(start_step, config.num_steps):
     batch = parallel.to_global(next(batches), trainer.mesh)
     state, step_metrics = trainer.train_step(state, batch)
     pending.append(step_metrics)
+    guard.add(step, step_metrics)
     done = step + 1
     report(done)
     if done % config.log_every == 0 or done == config.num_steps:
-      averaged = jax.tree.map(lambda *xs: float(np.mean(xs)),
-                              *jax.device_get(pending))
+      guard.check()
+      averaged = jax.tree.map(lambda *xs: float(np.mean(xs)), *[
+          {k: v for k, v in m.items() if k != "nonfinite"}
+          for m in jax.device_get(pending)])
+      if config.nonfinite_policy == "skip":
+        averaged["nonfinite_skips"] = int(jax.device_get(state.nonfinite_skips))
       writer.write_scalars(done, {f"train/{k}": v for k, v in averaged.items()})
       pending = []
     if config.eval_every and done % config.eval_every == 0 and done != config.num_steps:
       results = trainer.evaluate(state, writer, best)
     if done % config.checkpoint_every == 0 and done != config.num_steps:
+      guard.check()
       checkpoint.save(mngr, state)
+    if preemption.requested:
+      guard.check()
+      if mngr.latest_step() != done:
+        checkpoint.save(mngr, state, force=True)
+      mngr.wait_until_finished()
+      mngr.close()
+      best.wait_until_finished()
+      best.close()
+      writer.flush()
+      raise faults.Preempted(f"preempted: checkpoint of step {done} saved in "
+                             f"{mngr.directory}; run the same command again to resume")
+  guard.check()
   if start_step < config.num_steps or mngr.latest_step() != config.num_steps:
     checkpoint.save(mngr, state, force=True)
+  mngr.wait_until_finished()
+  if preemption.requested:
+    mngr.close()
+    best.wait_until_finished()
+    best.close()
+    writer.flush()
+    raise faults.Preempted(f"preempted: training finished and its checkpoint of step "
+                           f"{config.num_steps} is saved in {mngr.directory}; run the "
+                           "same command again to evaluate")
   results = trainer.evaluate(state, writer, best)
   mngr.wait_until_finished()
   mngr.close()
