@@ -112,8 +112,8 @@ def test_checkpoint_of_another_model_is_refused_naming_entries(tmp_path):
 
 def _small(config):
   """The quick config on 32x32 crops, batch 2: the same step, less to run."""
-  config.data.crop_size = config.data.eval_size = (32, 32)
-  config.data.batch_size = config.data.eval_batch_size = 2
+  config.data.crop_size = (32, 32)
+  config.data.batch_size = 2
   return config
 
 
