@@ -14,7 +14,7 @@ def config(**data):
 
 @pytest.mark.parametrize("data,message", [
     (dict(name="coco"), "data.name must be one of"),
-    (dict(name="voc"), "needs --config.data.root"),
+    (dict(name="voc", num_classes=21), "needs --config.data.root"),
     (dict(name="tfds"), "needs data.tfds.name"),
     (dict(resize=(512,)), "data.resize=.* must be"),
     (dict(cache="disk"), "data.cache must be"),
