@@ -98,7 +98,7 @@ def test_baseline_has_no_discriminator_terms(quick_config):
   batch = parallel.to_global({"image": b["image"], "label": b["label"]}, mesh)
   d_before = jax.device_get(state.d_params)
   state, m = step(state, batch)
-  assert set(m) == {"loss_ce", "loss_g", "lr_g"}
+  assert set(m) == {"loss_ce", "loss_g", "lr_g", "nonfinite"}
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.d_params), d_before)
 
 
