@@ -30,10 +30,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from advsemiseg_jax import models, optim  # noqa: E402
+from advsemiseg_jax import build, models  # noqa: E402
 from advsemiseg_jax.config import load_config  # noqa: E402
-from advsemiseg_jax.step import (TrainState, make_train_step,  # noqa: E402
-                                 uses_discriminator, uses_unlabeled)
+from advsemiseg_jax.step import uses_discriminator, uses_unlabeled  # noqa: E402
 
 
 def parse_value(text: str, old):
@@ -56,27 +55,10 @@ def apply_overrides(config, overrides):
 
 
 def build_state(config, num_classes):
-  """(initial TrainState, un-jitted step) as ``train.build_training`` makes
-  them, without importing the data pipeline (and so TensorFlow)."""
-  generator = models.build_generator(config.model, num_classes)
-  discriminator = models.build_discriminator(config.model)
-  rng = jax.random.PRNGKey(config.seed)
-  g_rng, d_rng = jax.random.split(rng)
-  g_vars = jax.jit(lambda r: generator.init(
-      r, jnp.zeros((1, 33, 33, 3)), train=False))(g_rng)
-  d_vars = jax.jit(lambda r: discriminator.init(
-      r, jnp.zeros((1, 64, 64, num_classes))))(d_rng)
-  g_tx, g_sched = optim.generator_optimizer(config.optim, g_vars["params"],
-                                            config.num_steps)
-  d_tx, d_sched = optim.discriminator_optimizer(config.optim, config.num_steps)
-  state = TrainState(
-      step=jnp.zeros((), jnp.int32), g_params=g_vars["params"],
-      g_batch_stats=g_vars["batch_stats"], d_params=d_vars["params"],
-      g_opt_state=g_tx.init(g_vars["params"]), d_opt_state=d_tx.init(d_vars["params"]),
-      rng=rng)
-  step = make_train_step(config.loss, generator, discriminator, g_tx, d_tx,
-                         g_sched, d_sched, iter_size=config.optim.iter_size)
-  return state, step
+  """(initial TrainState, un-jitted step), without importing the data pipeline
+  (and so TensorFlow)."""
+  _, _, state, step_fn = build.build_training(config, num_classes)
+  return state, step_fn
 
 
 def synthetic_batch(config, batch: int, size, seed: int = 0):

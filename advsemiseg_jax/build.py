@@ -1,0 +1,43 @@
+"""Models, initial training state and the train step, built from a config.
+
+Kept apart from ``train.py`` so that benchmarks and tools can build a step
+without importing the data pipeline (and so TensorFlow).
+"""
+import jax
+import jax.numpy as jnp
+
+from advsemiseg_jax import convert, models, optim
+from advsemiseg_jax.step import TrainState, make_train_step
+
+
+def init_variables(config, generator, discriminator, num_classes, rng):
+  """Fresh variables of S and D (shapes do not depend on the input size)."""
+  g_rng, d_rng = jax.random.split(rng)
+  x = jnp.zeros((1, 33, 33, 3), jnp.float32)
+  g_vars = jax.jit(lambda r: generator.init(r, x, train=False))(g_rng)
+  p = jnp.zeros((1, 64, 64, num_classes), jnp.float32)
+  d_vars = jax.jit(lambda r: discriminator.init(r, p))(d_rng)
+  return g_vars, d_vars
+
+
+def build_training(config, num_classes: int):
+  """(generator, discriminator, initial TrainState, un-jitted train_step)."""
+  generator = models.build_generator(config.model, num_classes)
+  discriminator = models.build_discriminator(config.model)
+  rng = jax.random.PRNGKey(config.seed)
+  g_vars, d_vars = init_variables(config, generator, discriminator, num_classes, rng)
+  if config.init_from:  # .pth or Orbax weights, copied where name and shape match.
+    g_vars, d_vars = convert.load_init_from(config.init_from, g_vars, d_vars)
+  g_tx, g_sched = optim.generator_optimizer(config.optim, g_vars["params"],
+                                            config.num_steps)
+  d_tx, d_sched = optim.discriminator_optimizer(config.optim, config.num_steps)
+  state = TrainState(
+      step=jnp.zeros((), jnp.int32), g_params=g_vars["params"],
+      g_batch_stats=g_vars["batch_stats"], d_params=d_vars["params"],
+      g_opt_state=g_tx.init(g_vars["params"]),
+      d_opt_state=d_tx.init(d_vars["params"]), rng=rng,
+      nonfinite_skips=jnp.zeros((), jnp.int32))
+  step_fn = make_train_step(config.loss, generator, discriminator, g_tx, d_tx,
+                            g_sched, d_sched, nonfinite_policy=config.nonfinite_policy,
+                            iter_size=config.optim.iter_size)
+  return generator, discriminator, state, step_fn
