@@ -83,7 +83,7 @@ def test_resize_bilinear_keeps_corners():
     np.testing.assert_allclose(y[0, a, b], x[0, c, d], atol=1e-6)
 
 
-@pytest.mark.parametrize("size", [161, 321, 256, 512, 7, 8])
+@pytest.mark.parametrize("size", [161, 256, 7, 8])
 def test_max_pool_ceil_mode_matches_torch_rule(size):
   x = jax.random.normal(jax.random.key(0), (1, size, size + 3, 2))
   y = layers.max_pool_ceil(x, 3, 2, 1)
