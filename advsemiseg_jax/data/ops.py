@@ -72,6 +72,18 @@ def random_mirror(image, label, seed):
           tf.cond(flip, lambda: label[:, ::-1], lambda: label))
 
 
+def _normalize_crop_mirror(image, label, seeds, crop_size, mirror: bool):
+  """The tail shared by the training and GT augmentations: subtract the mean,
+  pad to the crop (0 / 255), random crop with ``seeds[1]``, optional mirror
+  with ``seeds[2]``."""
+  image = image - tf.constant(RGB_MEAN, tf.float32)
+  image, label = pad_to_at_least(image, label, crop_size)
+  image, label = random_crop(image, label, seeds[1], crop_size)
+  if mirror:
+    image, label = random_mirror(image, label, seeds[2])
+  return image, label
+
+
 def train_augment(image, label, seed, crop_size, scale: bool, mirror: bool):
   """The authors' training augmentation on one uint8 example.
 
@@ -83,12 +95,7 @@ def train_augment(image, label, seed, crop_size, scale: bool, mirror: bool):
   image = tf.cast(image, tf.float32)
   if scale:
     image, label = random_scale(image, label, seeds[0])
-  image = image - tf.constant(RGB_MEAN, tf.float32)
-  image, label = pad_to_at_least(image, label, crop_size)
-  image, label = random_crop(image, label, seeds[1], crop_size)
-  if mirror:
-    image, label = random_mirror(image, label, seeds[2])
-  return image, label
+  return _normalize_crop_mirror(image, label, seeds, crop_size, mirror)
 
 
 def eval_preprocess(image, label, size):
@@ -146,9 +153,4 @@ def gt_augment(image, label, seed, crop_size, scale: bool, mirror: bool):
   seeds = split_seed(seed, 3)
   size = gt_rescale_size(tf.shape(image)[:2], seeds[0], crop_size, scale)
   image, label = resize(tf.cast(image, tf.float32), tf.cast(label, tf.int32), size)
-  image = image - tf.constant(RGB_MEAN, tf.float32)
-  image, label = pad_to_at_least(image, label, crop_size)
-  image, label = random_crop(image, label, seeds[1], crop_size)
-  if mirror:
-    image, label = random_mirror(image, label, seeds[2])
-  return image, label
+  return _normalize_crop_mirror(image, label, seeds, crop_size, mirror)
