@@ -325,12 +325,24 @@ VOC_LAYOUT = """  ROOT/JPEGImages/NAME.jpg
 ROOT is the VOC2012 folder or a VOCdevkit folder that contains VOC2012."""
 
 
+def _require_root(root: str, folder: str, what: str, layout: str):
+  """DataError unless ``root`` is set and is a folder; names the layout."""
+  if not root:
+    raise DataError(f"data.root is empty; set --config.data.root to the {folder} "
+                    f"folder.\nExpected layout:\n{layout}")
+  files.require_dir(root, what, layout)
+
+
+def _require_labels(images, labels, context: str):
+  """DataError naming the first image whose label file is missing."""
+  for image, label in zip(images, labels):
+    if not os.path.isfile(label):
+      raise DataError(f"image {image} has no label: {label} is missing{context}")
+
+
 def voc_dir(root: str) -> str:
   """The VOC2012 folder: ``root`` itself or ``root/VOC2012``."""
-  if not root:
-    raise DataError("data.root is empty; set --config.data.root to the VOC2012 "
-                    f"(or VOCdevkit) folder.\nExpected layout:\n{VOC_LAYOUT}")
-  files.require_dir(root, "VOC root (data.root)", VOC_LAYOUT)
+  _require_root(root, "VOC2012 (or VOCdevkit)", "VOC root (data.root)", VOC_LAYOUT)
   for d in (root, os.path.join(root, "VOC2012")):
     if os.path.isdir(os.path.join(d, "JPEGImages")):
       return d
@@ -459,19 +471,13 @@ def cityscapes_examples(root: str, split: str, lut) -> Examples:
                     f"Expected layout:\n{CITYSCAPES_LAYOUT}")
   ids = [os.path.relpath(p, image_dir)[:-len(suffix)] for p in images]
   labels = [os.path.join(label_dir, i + "_gtFine_labelIds.png") for i in ids]
-  for image, label in zip(images, labels):
-    if not os.path.isfile(label):
-      raise DataError(f"image {image} has no label: {label} is missing.\n"
-                      f"Expected layout:\n{CITYSCAPES_LAYOUT}")
+  _require_labels(images, labels, f".\nExpected layout:\n{CITYSCAPES_LAYOUT}")
   return file_examples(ids, images, labels, lut)
 
 
 def cityscapes_source(data_config) -> Source:
   root = data_config.root
-  if not root:
-    raise DataError("data.root is empty; set --config.data.root to the Cityscapes "
-                    f"folder.\nExpected layout:\n{CITYSCAPES_LAYOUT}")
-  files.require_dir(root, "Cityscapes root (data.root)", CITYSCAPES_LAYOUT)
+  _require_root(root, "Cityscapes", "Cityscapes root (data.root)", CITYSCAPES_LAYOUT)
   lut = cityscapes_lut()
   train = cityscapes_examples(root, "train", lut)
   val = limit(cityscapes_examples(root, "val", lut), data_config.val_limit)
@@ -598,19 +604,13 @@ def folder_examples(data_config, list_file: str, lut) -> Examples:
     raise DataError(f"list file {list_path} lists no examples")
   ids, images, labels = zip(*rows)
   files.require_all(images, f"image(s) listed in {list_path}", FOLDER_LAYOUT)
-  for image, label in zip(images, labels):
-    if not os.path.isfile(label):
-      raise DataError(f"image {image} has no label: {label} is missing "
-                      f"(listed in {list_path})")
+  _require_labels(images, labels, f" (listed in {list_path})")
   return file_examples(ids, images, labels, lut)
 
 
 def folder_source(data_config) -> Source:
   root = data_config.root
-  if not root:
-    raise DataError("data.root is empty; set --config.data.root to the dataset "
-                    f"folder.\nExpected layout:\n{FOLDER_LAYOUT}")
-  files.require_dir(root, "dataset root (data.root)", FOLDER_LAYOUT)
+  _require_root(root, "dataset", "dataset root (data.root)", FOLDER_LAYOUT)
   names = _class_names(data_config)
   lut = _label_lut(data_config, len(names))
   train = folder_examples(data_config, data_config.train_list or "train.txt", lut)
