@@ -1,0 +1,59 @@
+"""The FLOP counts of benchmarks/train_step.py: the analytic count with all
+taps, with in-bounds taps only, and XLA's cost analysis (the 5% cross-check)."""
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax import lax
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def bench():
+  spec = importlib.util.spec_from_file_location(
+      "train_step_bench", os.path.join(ROOT, "benchmarks", "train_step.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def conv(x, w, stride, dilation):
+  return lax.conv_general_dilated(x, w, (stride, stride), "SAME", rhs_dilation=(dilation,) * 2,
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("size,kernel,stride,dilation", [
+    (9, 3, 1, 1), (11, 3, 1, 4), (41, 3, 1, 12), (33, 7, 2, 1), (20, 4, 2, 1)])
+def test_conv_counts(bench, size, kernel, stride, dilation):
+  x, w = jnp.ones((2, size, size, 5)), jnp.ones((kernel, kernel, 5, 6))
+  forward = jax.make_jaxpr(lambda x, w: conv(x, w, stride, dilation))(x, w).jaxpr
+  out = -(-size // stride)
+  assert bench.jaxpr_flops(forward) == 2 * 2 * out * out * 6 * 5 * kernel * kernel
+  # The forward conv alone: XLA's rule exactly.
+  assert bench.jaxpr_flops(forward, in_bounds=True) == bench.xla_flops(
+      jax.jit(lambda x, w: conv(x, w, stride, dilation)).lower(x, w))
+  # Forward and both backward convs (one of them on a dilated input when
+  # strided): XLA adds only the elementwise square and sum on top.
+  grad = lambda x, w: jax.grad(lambda x, w: (conv(x, w, stride, dilation) ** 2).sum(),
+                               argnums=(0, 1))(x, w)
+  counted = bench.jaxpr_flops(jax.make_jaxpr(grad)(x, w).jaxpr, in_bounds=True)
+  elementwise = 3 * 2 * out * out * 6
+  assert counted < bench.jaxpr_flops(jax.make_jaxpr(grad)(x, w).jaxpr)
+  assert 0 <= bench.xla_flops(jax.jit(grad).lower(x, w)) - counted <= elementwise
+
+
+def test_train_step_within_five_percent_of_xla(bench, quick_config):
+  """The acceptance check of the speed issue, on the tiny full step (D and
+  the unlabeled branch on)."""
+  config = quick_config
+  config.loss.semi_start = 0
+  state, step_fn = bench.build_state(config, config.data.num_classes)
+  batch = bench.synthetic_batch(config, config.data.batch_size, tuple(config.data.crop_size))
+  jaxpr = jax.make_jaxpr(step_fn)(state, batch).jaxpr
+  in_bounds = bench.jaxpr_flops(jaxpr, in_bounds=True)
+  assert in_bounds < bench.jaxpr_flops(jaxpr)
+  ratio = bench.xla_flops(jax.jit(step_fn).lower(state, batch)) / in_bounds
+  assert 1.0 <= ratio <= 1.05, ratio
