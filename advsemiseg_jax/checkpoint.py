@@ -12,8 +12,10 @@ import os
 import shutil
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 from advsemiseg_jax.validate import ConfigError
 
@@ -72,21 +74,48 @@ def step_dir(mngr: ocp.CheckpointManager, step: int) -> str:
   return os.path.join(str(mngr.directory), str(step))
 
 
-def _set_aside(mngr: ocp.CheckpointManager, step: int, error: Exception) -> str:
+def _process():
+  """(this process's index, the number of processes)."""
+  return jax.process_index(), jax.process_count()
+
+
+def all_processes_agree(ok: bool) -> bool:
+  """True when ``ok`` holds on every process. A collective: with several
+  processes, each must call it the same number of times."""
+  if _process()[1] == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.bool_))))
+
+
+def _set_aside(mngr: ocp.CheckpointManager, step: int, error: Exception) -> None:
   """Moves an unreadable step out of the manager's directory (kept for
-  inspection, and so that a later save of that step does not collide)."""
+  inspection, and so that a later save of that step does not collide).
+
+  Every process calls this once it is agreed that the step is unreadable;
+  process 0 moves the directory and the others wait for it at a barrier, so
+  that no process lists the step after it is gone or before.
+  """
   src = step_dir(mngr, step)
   root = os.path.join(os.path.dirname(str(mngr.directory)), CORRUPT_DIR)
-  os.makedirs(root, exist_ok=True)
-  dst, n = os.path.join(root, str(step)), 1
-  while os.path.exists(dst):
-    dst, n = os.path.join(root, f"{step}.{n}"), n + 1
-  if jax.process_index() == 0:
+  where = f"moved to {root} by process 0"
+  index, count = _process()
+  if index == 0:
+    os.makedirs(root, exist_ok=True)
+    dst, n = os.path.join(root, str(step)), 1
+    while os.path.exists(dst):
+      dst, n = os.path.join(root, f"{step}.{n}"), n + 1
     shutil.move(src, dst)
+    where = f"moved to {dst}"
+  if count > 1:
+    multihost_utils.sync_global_devices(f"advsemiseg_checkpoint_set_aside_{step}")
   summary = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
-  logging.warning("checkpoint %s is unreadable (%s: %s); moved to %s, using the "
-                  "previous checkpoint", src, type(error).__name__, summary, dst)
-  return dst
+  logging.warning("checkpoint %s is unreadable (%s: %s); %s, using the previous "
+                  "checkpoint", src, type(error).__name__, summary, where)
+  mngr.reload()
+
+
+class _UnreadableElsewhere(Exception):
+  """Another process could not read the step."""
 
 
 def restore_latest(mngr: ocp.CheckpointManager, state):
@@ -95,17 +124,21 @@ def restore_latest(mngr: ocp.CheckpointManager, state):
 
   Unreadable steps are set aside with a warning (see the module docstring);
   a readable checkpoint of a different model raises CheckpointMismatchError.
+  With several processes, a step counts as readable only if every process
+  read it, so all of them resume from the same step.
   """
   expected = flat_shapes(state)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
   for step in sorted(mngr.all_steps(), reverse=True):
+    error, stored = None, {}
     try:
       stored = flat_shapes(mngr.item_metadata(step))
       if not stored:
         raise ValueError("no array metadata")
     except Exception as e:  # pylint: disable=broad-except  # Orbax/TensorStore raise many types.
-      _set_aside(mngr, step, e)
-      mngr.reload()
+      error = e
+    if not all_processes_agree(error is None):
+      _set_aside(mngr, step, error or _UnreadableElsewhere("metadata unreadable on another process"))
       continue
     diff = mismatches(stored, expected)
     if diff:
@@ -114,11 +147,14 @@ def restore_latest(mngr: ocp.CheckpointManager, state):
           f"{step_dir(mngr, step)} was written by a different model config "
           f"({len(diff)} entries differ: {shown}). Use another --workdir, or the "
           "config that wrote it")
+    restored = None
     try:
-      return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+      restored = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
     except Exception as e:  # pylint: disable=broad-except
-      _set_aside(mngr, step, e)
-      mngr.reload()
+      error = e
+    if all_processes_agree(error is None):
+      return restored
+    _set_aside(mngr, step, error or _UnreadableElsewhere("data unreadable on another process"))
   return None
 
 BEST_DIR = "best"

@@ -1,5 +1,7 @@
 """Multi-host: two processes on localhost (JAX's CPU collectives over gloo),
-each feeding its half of the global batch, train as one process does.
+each feeding its half of the global batch, train as one process does; they
+write Orbax checkpoints together and, when the newest is damaged, both skip
+it and resume from the same earlier step.
 
 Compared are the CHANGES of every variable over the three steps, per tensor
 as max|two processes - one| / max|one process's change|. The sums over the
@@ -47,10 +49,25 @@ PROCESS_SCRIPT = textwrap.dedent("""
     step = parallel.jit_train_step(step_fn, mesh)
     rows = slice({pid} * {half}, ({pid} + 1) * {half})  # This host's shard.
     local = {{k: v[rows] for k, v in fixed_batch(n={batch}).items()}}
+    from advsemiseg_jax import checkpoint
+    mngr = checkpoint.manager({workdir!r}, 5)
     for _ in range({steps}):
       state, metrics = step(state, parallel.to_global(local, mesh))
+      checkpoint.save(mngr, state, force=True)
+    mngr.wait_until_finished()
+    mngr.close()
     leaves = [np.asarray(x) for x in jax.tree.leaves(state)]
     np.savez({out!r}, *leaves, loss_g=np.asarray(metrics["loss_g"]))
+    # Damage the newest checkpoint: both processes must agree to skip it,
+    # process 0 alone moves it aside, and both resume from the step before.
+    from jax.experimental import multihost_utils
+    from test_reliability import _damage
+    if {pid} == 0:
+      _damage({workdir!r} + "/checkpoints/{steps}/default", keep=("_METADATA", "_sharding"))
+    multihost_utils.sync_global_devices("damaged")
+    mngr = checkpoint.manager({workdir!r}, 5)
+    restored = checkpoint.restore_latest(mngr, state)
+    print("RESTORED_STEP", int(restored.step), sorted(mngr.all_steps()))
     print("PROCESS_OK", {pid})
 """)
 
@@ -83,13 +100,17 @@ def test_two_processes_equal_one(tmp_path):
   for pid in range(2):
     script = PROCESS_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, "tests"),
                                    address=address, pid=pid, half=BATCH // 2,
-                                   batch=BATCH, steps=STEPS,
+                                   batch=BATCH, steps=STEPS, workdir=str(tmp_path / "w"),
                                    out=str(tmp_path / f"process{pid}.npz"))
     procs.append(subprocess.Popen([sys.executable, "-c", script], env=env, text=True,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE))
   outputs = [p.communicate(timeout=900) for p in procs]
   for pid, (out, err) in enumerate(outputs):
     assert f"PROCESS_OK {pid}" in out, out[-2000:] + err[-4000:]
+    # Checkpoints written once from both processes; the damaged newest one
+    # skipped by both and moved aside once.
+    assert f"RESTORED_STEP {STEPS - 1} {list(range(1, STEPS))}" in out, out[-2000:]
+  assert os.listdir(tmp_path / "w" / "checkpoints_corrupt") == [str(STEPS)]
   initial, expected, loss = single_process_run()
   for pid in range(2):
     got = np.load(tmp_path / f"process{pid}.npz")

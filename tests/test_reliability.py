@@ -80,6 +80,34 @@ def test_corrupt_latest_checkpoint_is_skipped_with_a_warning(tmp_path, what, cap
   mngr.close()
 
 
+def test_step_unreadable_on_another_process_is_set_aside_by_process_0_only(
+    tmp_path, monkeypatch):
+  """Multi-host: a step counts as readable only if every process read it.
+  Here this process (index 1 of 2) reads step 3 fine but the other did not:
+  this one must skip it too, leave the move to process 0 and wait at the
+  barrier; so both resume from step 2."""
+  import types
+  mngr = _saved_workdir(tmp_path)
+  calls = []
+  # Metadata of step 3 agreed readable, its data not (the other process
+  # failed); step 2 readable everywhere.
+  answers = iter([[True, True], [True, False], [True, True], [True, True]])
+
+  def barrier(name):  # Process 0 moves the directory while this one waits.
+    calls.append(name)
+    shutil.move(str(tmp_path / "checkpoints" / "3"), str(tmp_path / "moved_by_0"))
+  monkeypatch.setattr(checkpoint, "_process", lambda: (1, 2))
+  monkeypatch.setattr(checkpoint, "multihost_utils", types.SimpleNamespace(
+      process_allgather=lambda x: calls.append(bool(x)) or np.asarray(next(answers)),
+      sync_global_devices=barrier))
+  restored = checkpoint.restore_latest(mngr, _state(0))
+  assert int(restored.step) == 2
+  assert calls == [True, True, "advsemiseg_checkpoint_set_aside_3", True, True]
+  assert not (tmp_path / checkpoint.CORRUPT_DIR).exists()  # process 1 moved nothing
+  assert mngr.all_steps() == [1, 2]
+  mngr.close()
+
+
 def test_interrupted_save_leaves_only_a_temporary_directory(tmp_path):
   """A kill during a save leaves ``N.orbax-checkpoint-tmp-*``: never listed,
   removed when the next manager starts."""
