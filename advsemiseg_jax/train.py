@@ -57,7 +57,8 @@ class Trainer:
     start = time.time()
     results = self.evaluator(self.eval_variables(state), progress=progress)
     results.update(step=step, dataset=self.source.name, split="val",
-                   eval_seconds=round(time.time() - start, 2))
+                   eval_seconds=round(time.time() - start, 2),
+                   nonfinite_skips=int(jax.device_get(state.nonfinite_skips)))
     if jax.process_index() == 0:
       evaluate.write_results(self.workdir, results)
       logging.info("evaluation at step %d:\n%s", step,

@@ -182,14 +182,15 @@ def test_step_flags_nonfinite_and_skip_policy_keeps_the_state(quick_config):
                             before.g_params["layer5"]["conv2d_list_0"]["bias"])
 
 
-def _poison(monkeypatch, at_step):
-  """Training batches whose image holds an inf from ``at_step`` on."""
+def _poison(monkeypatch, at_step, only=False):
+  """Training batches whose image holds an inf from ``at_step`` on (``only``:
+  at that step alone)."""
   from advsemiseg_jax.train import Trainer
   original = Trainer.batches
 
   def batches(self, start_step):
     for i, batch in enumerate(original(self, start_step), start_step):
-      if i >= at_step:
+      if i == at_step or (i > at_step and not only):
         batch = dict(batch, image=batch["image"].copy())
         batch["image"][0, 0, 0, 0] = np.inf
       yield batch
@@ -215,3 +216,29 @@ def test_train_stops_naming_step_and_loss_keeping_last_good_checkpoint(
   restored = checkpoint.restore_latest(mngr, state)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(restored)))
   mngr.close()
+
+
+def test_train_skip_policy_skips_counts_and_finishes(quick_config, tmp_path, monkeypatch,
+                                                      caplog):
+  """Policy "skip" through the training loop: the poisoned step is skipped
+  with a warning naming it, counted in TensorBoard's train/nonfinite_skips and
+  results.json, and training finishes with finite parameters."""
+  quick_config = _small(quick_config)
+  quick_config.num_steps, quick_config.checkpoint_every = 6, 3
+  quick_config.loss.semi_start = 2
+  quick_config.log_every = 3
+  quick_config.nonfinite_policy = "skip"
+  _poison(monkeypatch, at_step=4, only=True)
+  caplog.set_level(logging.WARNING)
+  results = train_and_evaluate(quick_config, str(tmp_path))
+  assert results["step"] == 6 and results["nonfinite_skips"] == 1
+  assert any("step 4: non-finite" in r.getMessage() and "update skipped" in r.getMessage()
+             for r in caplog.records), [r.getMessage() for r in caplog.records]
+  mngr = checkpoint.manager(str(tmp_path), 3)
+  _, _, state, _ = build_training(quick_config, 4)
+  restored = checkpoint.restore_latest(mngr, state)
+  mngr.close()
+  assert int(restored.step) == 6 and int(restored.nonfinite_skips) == 1
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(restored)))
+  import json
+  assert json.load(open(tmp_path / "results.json"))["nonfinite_skips"] == 1
