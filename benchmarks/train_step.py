@@ -19,8 +19,6 @@ process's maximum resident set).
 """
 import argparse
 import os
-import platform
-import resource
 import sys
 import time
 
@@ -35,6 +33,7 @@ import numpy as np  # noqa: E402
 from advsemiseg_jax import build, models  # noqa: E402
 from advsemiseg_jax.config import load_config  # noqa: E402
 from advsemiseg_jax.step import uses_discriminator, uses_unlabeled  # noqa: E402
+from benchmarks.machine import cpu_model, max_rss_bytes  # noqa: E402
 
 
 def parse_value(text: str, old):
@@ -188,19 +187,13 @@ def peak_memory_bytes():
   stats = jax.devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
     return "device peak", stats["peak_bytes_in_use"]
-  return "process max RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  return "process max RSS", max_rss_bytes()
 
 
 def describe_machine() -> str:
   device = jax.devices()[0]
   if device.platform == "cpu":
-    model = platform.processor() or "cpu"
-    try:
-      with open("/proc/cpuinfo") as f:
-        model = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-      pass
-    return f"CPU {model}, {os.cpu_count()} cores"
+    return f"CPU {cpu_model()}"
   return f"{device.device_kind} x{jax.device_count()}"
 
 

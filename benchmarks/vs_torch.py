@@ -23,12 +23,14 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 NUM_CLASSES = 21
+
+from benchmarks.machine import cpu_model, max_rss_bytes  # noqa: E402
 
 
 def torch_worker(args):
   """Reads "step" lines, answers each with the step's seconds (JSON)."""
-  import resource
   import warnings
   import numpy as np
   import torch
@@ -52,19 +54,16 @@ def torch_worker(args):
     tr.train_iteration(model, model_d, opt_g, opt_d, batch, step, cfg)
     step += 1
     print(json.dumps({"seconds": time.perf_counter() - start,
-                      "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}),
+                      "rss": max_rss_bytes()}),
           flush=True)
 
 
 def jax_worker(args):
   """As ``torch_worker``, for the JAX step (compiled before the first answer)."""
-  sys.path.insert(0, ROOT)
-  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
   from advsemiseg_jax import parallel
   parallel.set_default_xla_flags(bool(args.xla_cpu_tuning))
-  import resource
   import jax
-  import train_step as ts
+  from benchmarks import train_step as ts
   from advsemiseg_jax.config import load_config
   config = load_config(os.path.join(ROOT, "configs/voc_reference.py"))
   config.unlock()
@@ -81,7 +80,7 @@ def jax_worker(args):
     state, metrics = step(state, batch)
     jax.block_until_ready((state, metrics))
     print(json.dumps({"seconds": time.perf_counter() - start,
-                      "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}),
+                      "rss": max_rss_bytes()}),
           flush=True)
 
 
@@ -128,16 +127,6 @@ class Worker:
     self.proc.wait()
 
 
-def machine() -> str:
-  model = "cpu"
-  try:
-    with open("/proc/cpuinfo") as f:
-      model = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  return f"{model}, {os.cpu_count()} cores"
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--worker", default="")
@@ -177,7 +166,7 @@ def main():
   spread = lambda w: f"{min(w.times):.2f}-{max(w.times):.2f}"
   print(f"\n## one training iteration, JAX vs torch: {args.backbone} (width {args.width}), "
         f"{args.size}x{args.size}, batch {args.batch}, semi on\n")
-  print(f"machine: {machine()}; load average before {load_before[0]:.2f}, "
+  print(f"machine: {cpu_model()}; load average before {load_before[0]:.2f}, "
         f"after {os.getloadavg()[0]:.2f}; torch threads {args.threads or os.cpu_count()}; "
         f"JAX conv_impl={args.conv_impl}, XLA CPU flags {'on' if args.xla_cpu_tuning else 'off'}; "
         f"{args.rounds} alternating rounds after {args.warmup} warm-up\n")
