@@ -46,6 +46,9 @@ def parse_args():
                  help="start-up kills: uniform in [0, this] seconds after the start")
   p.add_argument("--seed", type=int, default=None)
   p.add_argument("--workdir", default="", help="default: a fresh temporary folder")
+  p.add_argument("--compilation_cache", type=int, default=1,
+                 help="1: every process shares JAX_COMPILATION_CACHE_DIR=WORKDIR/xla_cache, "
+                      "as the README advises for preemptible runs (restarts skip compiling)")
   return p.parse_args()
 
 
@@ -75,6 +78,8 @@ class Soak:
   def start(self, workdir, name):
     log = open(os.path.join(self.base, f"{name}.log"), "w")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    if self.args.compilation_cache:
+      env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(self.base, "xla_cache")
     proc = subprocess.Popen(self.command(workdir), stdout=log, stderr=subprocess.STDOUT,
                             cwd=ROOT, env=env)
     proc.log_path = log.name
@@ -176,7 +181,8 @@ class Soak:
     return out
 
   def run(self):
-    print(f"soak seed {self.seed}, workdir {self.base}", flush=True)
+    print(f"soak seed {self.seed}, workdir {self.base}, compilation cache "
+          f"{'on' if self.args.compilation_cache else 'off'}", flush=True)
     reference = self.start(self.full, "uninterrupted")
     deadline = time.time() + 60 * self.args.minutes
     running = True
