@@ -26,3 +26,14 @@ def quick_config():
   from advsemiseg_jax.config import load_config
   config = load_config(str(ROOT / "configs/demo.py:quick"))
   return config
+
+
+def load_benchmark(name: str):
+  """``benchmarks/NAME.py`` as a module (the benchmarks are scripts, not a
+  package the tests import)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(f"benchmark_{name}",
+                                                ROOT / "benchmarks" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

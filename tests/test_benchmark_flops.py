@@ -1,23 +1,16 @@
 """The FLOP counts of benchmarks/train_step.py: the analytic count with all
 taps, with in-bounds taps only, and XLA's cost analysis (the 5% cross-check)."""
-import importlib.util
-import os
 
 import jax
 import jax.numpy as jnp
 import pytest
+from conftest import load_benchmark
 from jax import lax
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def bench():
-  spec = importlib.util.spec_from_file_location(
-      "train_step_bench", os.path.join(ROOT, "benchmarks", "train_step.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_benchmark("train_step")
 
 
 def conv(x, w, stride, dilation):

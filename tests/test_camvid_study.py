@@ -1,19 +1,12 @@
 """The CamVid study script: its report and its behaviour without data."""
-import importlib.util
-import os
-
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def study():
-  spec = importlib.util.spec_from_file_location(
-      "camvid_study", os.path.join(ROOT, "benchmarks", "camvid_study.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_benchmark("camvid_study")
 
 
 def test_report_means_spreads_and_plot(study, tmp_path):

@@ -1,6 +1,6 @@
-"""The README's "Python API" lines, run exactly as written (from README.md
-when its markers are there, else from docs/python_api.md), on a tiny
-PyTorch state dict saved under the file name the snippet loads."""
+"""The README's "Python API" lines (between its python-api markers), run
+exactly as written, on a tiny PyTorch state dict saved under the file name
+the snippet loads."""
 import re
 
 import numpy as np
@@ -15,14 +15,13 @@ BEGIN, END = "<!-- python-api:begin -->", "<!-- python-api:end -->"
 
 
 def api_snippet():
-  for path in (ROOT / "README.md", ROOT / "docs/python_api.md"):
-    text = path.read_text() if path.exists() else ""
-    if BEGIN in text and END in text:
-      block = text.split(BEGIN, 1)[1].split(END, 1)[0]
-      code = re.search(r"```python\n(.*?)```", block, re.S)
-      assert code, f"no python block between the markers in {path}"
-      return code.group(1), path
-  raise AssertionError("no Python API snippet in README.md or docs/python_api.md")
+  path = ROOT / "README.md"
+  text = path.read_text()
+  assert BEGIN in text and END in text, "no python-api markers in README.md"
+  block = text.split(BEGIN, 1)[1].split(END, 1)[0]
+  code = re.search(r"```python\n(.*?)```", block, re.S)
+  assert code, f"no python block between the markers in {path}"
+  return code.group(1), path
 
 
 def test_python_api_snippet_runs(tmp_path, monkeypatch):

@@ -130,36 +130,45 @@ def batch_norm(bn_mode: str, train: bool, dtype=jnp.float32):
   return functools.partial(BatchNorm, use_running_average=use_running, dtype=dtype)
 
 
-class DotConv(nn.Module):
-  """A 1x1 convolution (no padding) as a matrix product over channels.
-
-  Parameters are named and shaped as ``nn.Conv``'s (``kernel`` (1, 1, in,
-  out), optional ``bias``), so checkpoints move freely between the two. A
-  stride ``s`` samples every ``s``-th pixel first, as a 1x1 convolution does.
-  """
+class _ConvAsGemm(nn.Module):
+  """``nn.Conv``'s fields and parameters (``kernel`` (kh, kw, in, out),
+  optional ``bias``), so checkpoints move freely between the two; subclasses
+  compute the convolution in ``convolve``."""
   features: int
   kernel_size: Any = (1, 1)
   strides: Any = 1
+  padding: Any = ((0, 0), (0, 0))
+  kernel_dilation: Any = 1
   use_bias: bool = True
   dtype: Any = jnp.float32
   kernel_init: Callable = nn.initializers.lecun_normal()
   bias_init: Callable = nn.initializers.zeros
 
+  def convolve(self, x, kernel):
+    raise NotImplementedError
+
   @nn.compact
   def __call__(self, x):
+    kernel = self.param("kernel", self.kernel_init,
+                        tuple(self.kernel_size) + (x.shape[-1], self.features), jnp.float32)
+    y = self.convolve(x, kernel)
+    if self.use_bias:
+      y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(self.dtype)
+    return y
+
+
+class DotConv(_ConvAsGemm):
+  """A 1x1 convolution (no padding) as a matrix product over channels. A
+  stride ``s`` samples every ``s``-th pixel first, as a 1x1 convolution does."""
+
+  def convolve(self, x, kernel):
     if tuple(self.kernel_size) != (1, 1):
       raise ValueError(f"DotConv is 1x1 only, got kernel_size={self.kernel_size}")
-    kernel = self.param("kernel", self.kernel_init,
-                        (1, 1, x.shape[-1], self.features), jnp.float32)
     s = self.strides if isinstance(self.strides, int) else self.strides[0]
     if s > 1:
       x = x[:, ::s, ::s, :]
-    y = lax.dot_general(x.astype(self.dtype), kernel[0, 0].astype(self.dtype),
-                        (((3,), (0,)), ((), ())))
-    if self.use_bias:
-      bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
-      y = y + bias.astype(self.dtype)
-    return y
+    return lax.dot_general(x.astype(self.dtype), kernel[0, 0].astype(self.dtype),
+                           (((3,), (0,)), ((), ())))
 
 
 # Under conv_impl="dot", 3x3 stride-1 convolutions with at least this many
@@ -189,37 +198,22 @@ def im2col_conv(x, kernel, padding, dilation, dtype=jnp.float32):
                          (((3,), (0,)), ((), ())))
 
 
-class Im2colConv(nn.Module):
+class Im2colConv(_ConvAsGemm):
   """A stride-1 convolution with explicit padding, as ``im2col_conv`` when
   the input has at least ``IM2COL_MIN_CHANNELS`` channels and as ``lax.conv``
-  otherwise. Parameters are ``nn.Conv``'s (``kernel`` (kh, kw, in, out),
-  optional ``bias``)."""
-  features: int
-  kernel_size: Any
-  padding: Any
-  kernel_dilation: Any = 1
-  use_bias: bool = True
-  dtype: Any = jnp.float32
-  kernel_init: Callable = nn.initializers.lecun_normal()
-  bias_init: Callable = nn.initializers.zeros
+  otherwise."""
 
-  @nn.compact
-  def __call__(self, x):
-    kernel = self.param("kernel", self.kernel_init,
-                        tuple(self.kernel_size) + (x.shape[-1], self.features), jnp.float32)
+  def convolve(self, x, kernel):
+    if self.strides not in (1, (1, 1)):
+      raise ValueError(f"Im2colConv is stride 1 only, got strides={self.strides}")
     d = self.kernel_dilation
     dilation = (d, d) if isinstance(d, int) else tuple(d)
     padding = tuple(tuple(p) for p in self.padding)
     if x.shape[-1] >= IM2COL_MIN_CHANNELS:
-      y = im2col_conv(x, kernel, padding, dilation, self.dtype)
-    else:
-      y = lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype), (1, 1),
-                                   padding, rhs_dilation=dilation,
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    if self.use_bias:
-      bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
-      y = y + bias.astype(self.dtype)
-    return y
+      return im2col_conv(x, kernel, padding, dilation, self.dtype)
+    return lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype), (1, 1),
+                                    padding, rhs_dilation=dilation,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def conv_module(impl: str) -> Callable[..., nn.Module]:
