@@ -13,11 +13,12 @@ pods and SLURM/Open MPI clusters, or --coordinator_address=HOST:PORT
 """
 import os
 import signal
-import sys
 
-# SIGTERM before training starts (imports, config, data): nothing to save yet,
-# so exit 0 at once; train_and_evaluate handles it from then on.
-signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+# SIGTERM is blocked in this thread and in every thread started from here on
+# (they inherit the mask); faults.start_sigterm_watcher() takes it in a thread
+# of its own, so it is seen at once even during a long compile. Before
+# training starts there is nothing to save, and it exits 0 at once.
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
 from absl import app, flags, logging  # noqa: E402  pylint: disable=g-import-not-at-top
 from ml_collections import config_flags  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -52,6 +53,8 @@ def quiet_library_logs():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from advsemiseg_jax import faults
+  faults.start_sigterm_watcher()
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")  # tf.data only; leave GPUs to JAX.
   from advsemiseg_jax import parallel

@@ -1,11 +1,13 @@
 """Faults a long run must survive: preemption (SIGTERM) and non-finite steps.
 
 ``Preemption`` turns SIGTERM into a flag that the training loop polls between
-steps (it then saves a checkpoint of the current step and raises Preempted).
+steps (it then saves a checkpoint of the current step and raises Preempted);
+``start_sigterm_watcher`` makes SIGTERM outside the steps exit at once.
 ``check_nonfinite`` reads the ``nonfinite`` flag that the jitted step adds to
 its measurements, at the moment the trainer fetches them anyway (log time and
 before every checkpoint), so no step waits for the host.
 """
+import os
 import signal
 import threading
 
@@ -28,14 +30,50 @@ class Preempted(Exception):
   pipeline alive, so nothing waits for its threads to wind down."""
 
 
+_active = None    # The Preemption of the training loop in progress, if any.
+_watcher = None   # The SIGTERM watcher thread, once started.
+
+
+def start_sigterm_watcher():
+  """Takes SIGTERM in a thread of its own (``signal.sigwait``), for a process
+  that blocked SIGTERM in every thread before starting any (main.py does).
+
+  A Python signal handler runs only when the main thread gets back to Python
+  code, so a SIGTERM that arrives while it is inside a long C call (XLA
+  compiling, TensorFlow importing) would wait for that call, a minute or
+  more. The watcher sees it at once: while a training loop is armed it asks
+  that loop to save and stop (``Preemption``); otherwise there is nothing new
+  to save and the process exits 0 at once.
+  """
+  global _watcher
+  if _watcher is None:
+    _watcher = threading.Thread(target=_watch_sigterm, name="sigterm-watcher", daemon=True)
+    _watcher.start()
+
+
+def _watch_sigterm():
+  while True:
+    signal.sigwait({signal.SIGTERM})
+    preemption = _active
+    if preemption is not None and preemption.armed:
+      preemption.request()
+    else:
+      logging.warning("SIGTERM received outside training steps: nothing new to save; "
+                      "exiting")
+      logging.flush()
+      os._exit(0)  # pylint: disable=protected-access
+
+
 class Preemption:
   """Context manager that handles SIGTERM (what preemption sends).
 
-  While ``armed`` (the training loop runs) SIGTERM only sets ``requested``;
-  the loop then saves a checkpoint of the current step and returns. Before
-  that (start-up: nothing trained yet, nothing to save) SIGTERM exits at
-  once with status 0. Only the main thread can install signal handlers;
-  elsewhere this is inert.
+  While ``armed`` (the training loop has run its first step) SIGTERM only
+  sets ``requested``; the loop then saves a checkpoint of the current step
+  and returns. Before that (start-up, compiling: nothing new to save)
+  SIGTERM exits at once with status 0. With the watcher thread running
+  (``start_sigterm_watcher``) it delivers SIGTERM here; otherwise a signal
+  handler is installed when entered from the main thread (elsewhere this is
+  inert).
   """
 
   def __init__(self):
@@ -43,22 +81,29 @@ class Preemption:
     self.armed = False
     self._previous = None
 
-  def _handler(self, signum, frame):  # pylint: disable=unused-argument
-    if not self.armed:
-      logging.warning("SIGTERM received before training started: nothing to save; "
-                      "exiting")
-      raise SystemExit(0)
+  def request(self):
     if not self.requested:
       logging.warning("SIGTERM received: saving a checkpoint of the current step, "
                       "then exiting")
     self.requested = True
 
+  def _handler(self, signum, frame):  # pylint: disable=unused-argument
+    if not self.armed:
+      logging.warning("SIGTERM received before training started: nothing to save; "
+                      "exiting")
+      raise SystemExit(0)
+    self.request()
+
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    global _active
+    _active = self
+    if _watcher is None and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handler)
     return self
 
   def __exit__(self, *exc):
+    global _active
+    _active = None
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
       self._previous = None

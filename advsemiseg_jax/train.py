@@ -129,10 +129,12 @@ def _train_and_evaluate(config, workdir: str, preemption):
   pending = []
   guard = faults.NonFiniteGuard(config.nonfinite_policy, mngr)
   results = None
-  preemption.armed = True
   for step in range(start_step, config.num_steps):
     batch = parallel.to_global(next(batches), trainer.mesh)
     state, step_metrics = trainer.train_step(state, batch)
+    # From the first step on (compiled, dispatched), SIGTERM saves a checkpoint;
+    # before it, there is nothing new to save and SIGTERM exits at once.
+    preemption.armed = True
     pending.append(step_metrics)
     guard.add(step, step_metrics)
     done = step + 1

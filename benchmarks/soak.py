@@ -38,7 +38,7 @@ def parse_args():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--minutes", type=float, default=10.0, help="time spent killing")
   p.add_argument("--config", default="configs/demo.py:quick")
-  p.add_argument("--num_steps", type=int, default=400)
+  p.add_argument("--num_steps", type=int, default=2000)
   p.add_argument("--checkpoint_every", type=int, default=10)
   p.add_argument("--max_delay", type=float, default=2.0,
                  help="kill up to this many seconds after a life's first new checkpoint")

@@ -93,3 +93,19 @@ def test_sigkill_then_sigterm_then_resume_equals_uninterrupted_run(tmp_path):
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=f"seed {seed}")
+
+
+def test_sigterm_during_startup_exits_at_once(tmp_path):
+  """SIGTERM during imports, data generation or compiling (C calls that a
+  Python signal handler would wait for): exit 0 within seconds, nothing
+  written."""
+  workdir = str(tmp_path / "w")
+  proc = start(workdir, "startup")
+  time.sleep(random.uniform(2.0, 6.0))
+  assert proc.poll() is None, open(proc.log_path).read()[-3000:]
+  sent = time.time()
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=60) == 0, open(proc.log_path).read()[-3000:]
+  assert time.time() - sent < 5, open(proc.log_path).read()[-3000:]
+  assert "nothing new to save" in open(proc.log_path).read()
+  assert not finished_steps(workdir)
