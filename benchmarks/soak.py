@@ -141,6 +141,7 @@ class Soak:
       self.fail(f"life {self.lives}: no exit 120 s after {sig.name}")
       proc.kill()
       code = proc.wait()
+    exit_s = time.time() - sent
     log = open(proc.log_path).read()
     after = self.steps(self.cut)
     resumed = re.search(r"resumed from \S+ at step (\d+)", log)
@@ -165,7 +166,7 @@ class Soak:
     where = ("start-up kill" if in_startup else
              f"latest checkpoint {before[-1:] or None} -> {after[-1:] or None}")
     print(f"life {self.lives}: {sig.name} after {delay:.1f} s ({where}), exit "
-          f"{code} {time.time() - sent:.1f} s later", flush=True)
+          f"{code} {exit_s:.1f} s later", flush=True)
     return True
 
   def final_state(self, workdir):
