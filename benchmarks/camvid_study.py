@@ -10,7 +10,9 @@ same number of steps, from scratch (tiny ResNet). Writes, under --out:
                       accuracy of S's argmax on them, for T in {0.1, 0.2, 0.3}
 
   python benchmarks/camvid_study.py                            # the whole study
-  python benchmarks/camvid_study.py --arms=adv --fractions=1/8 --seeds=1   # one row
+  python benchmarks/camvid_study.py --arms=adv --fractions=1/8 --seeds=1   # one run
+  python benchmarks/camvid_study.py --arms=adv --fractions=1/8 --seeds=1 \
+      --workdirs=/tmp/camvid_rerun     # retrain it elsewhere: says if it reproduces
   python benchmarks/camvid_study.py --report_only              # tables from the JSON
 
 Runs are resumable: a finished run (its workdir's results.json at the final
@@ -171,9 +173,12 @@ def main(argv=None):
     for fraction, arm, seed in runs:
       record = run_one(args, fraction, arm, seed)
       key = run_key(fraction, arm, seed)
-      if key in records and abs(records[key]["miou"] - record["miou"]) > 1e-6:
-        print(f"{key}: mIoU {record['miou']:.4f} differs from the stored "
-              f"{records[key]['miou']:.4f}")
+      if key in records and records[key]["workdir"] != record["workdir"]:
+        stored = records[key]["miou"]
+        same = abs(stored - record["miou"]) <= 1e-6
+        print(f"{key}: retrained in {record['workdir']}: mIoU {record['miou']:.4f} "
+              f"{'reproduces' if same else 'DIFFERS FROM'} the stored {stored:.4f}")
+        continue   # The stored record (and its workdir) stays the study's.
       records[key] = record
       print(f"{key}: mIoU {record['miou']:.2f} ({record['seconds']} s)", flush=True)
       with open(json_path, "w") as f:

@@ -31,3 +31,20 @@ def test_config_variants_build(study, tmp_path):
   assert config.data.labeled_fraction == 0.25 and config.data.split_seed == 2
   assert config.loss.lambda_semi == 0 and config.loss.lambda_adv > 0
   assert config.num_steps == 12 and config.loss.semi_start <= 4
+
+
+def test_retraining_elsewhere_says_whether_it_reproduces(study, tmp_path, monkeypatch, capsys):
+  """A run retrained in other workdirs is compared with the stored record,
+  which stays the study's."""
+  import json
+  (tmp_path / "data").mkdir()
+  stored = {"fraction": "1/8", "arm": "adv", "seed": 1, "steps": 12, "miou": 24.5,
+            "per_class_iou": {}, "workdir": "/study/1-8_adv_seed1", "seconds": 1.0}
+  (tmp_path / "camvid_study.json").write_text(json.dumps({"1/8|adv|1": stored}))
+  for miou, verdict in ((24.5, "reproduces"), (25.0, "DIFFERS FROM")):
+    monkeypatch.setattr(study, "run_one", lambda args, f, a, s, miou=miou: dict(
+        stored, miou=miou, workdir=f"{args.workdirs}/x"))
+    study.main([f"--data={tmp_path / 'data'}", f"--out={tmp_path}", "--arms=adv",
+                "--fractions=1/8", "--seeds=1", f"--workdirs={tmp_path / 'rerun'}"])
+    assert f"mIoU {miou:.4f} {verdict} the stored 24.5000" in capsys.readouterr().out
+    assert json.loads((tmp_path / "camvid_study.json").read_text()) == {"1/8|adv|1": stored}
