@@ -106,13 +106,14 @@ def _tiny(**kw):
 def test_batch_norm_modes():
   x = jax.random.normal(jax.random.key(0), (2, 33, 33, 3)) * 3 + 1
   model = _tiny()
-  v = model.init(jax.random.key(1), x)
-  _, upd = model.apply(v, x, train=True, mutable=["batch_stats"])
+  v = jax.jit(model.init)(jax.random.key(1), x)   # (jitted: one compile, not op by op)
+  train_apply = lambda m: jax.jit(lambda v, x: m.apply(v, x, train=True, mutable=["batch_stats"]))
+  _, upd = train_apply(model)(v, x)
   assert not np.allclose(upd["batch_stats"]["bn1"]["mean"], v["batch_stats"]["bn1"]["mean"])
   frozen = _tiny(bn_mode="frozen")
-  out_f, upd_f = frozen.apply(v, x, train=True, mutable=["batch_stats"])
+  out_f, upd_f = train_apply(frozen)(v, x)
   jax.tree.map(np.testing.assert_array_equal, upd_f["batch_stats"], v["batch_stats"])
-  np.testing.assert_allclose(out_f, model.apply(v, x, train=False), atol=1e-5)
+  np.testing.assert_allclose(out_f, jax.jit(model.apply)(v, x), atol=1e-5)
 
 
 def test_batch_norm_matches_torch_update():
@@ -132,16 +133,16 @@ def test_batch_norm_matches_torch_update():
 def test_two_branch_aspp_uses_only_dilations_6_and_12():
   x = jax.random.normal(jax.random.key(0), (1, 65, 65, 3))
   model2, model4 = _tiny(aspp_branches=2), _tiny()
-  v = model4.init(jax.random.key(1), x)
+  v = jax.jit(model4.init)(jax.random.key(1), x)
 
-  def loss(params, model):
-    return jnp.sum(model.apply({**v, "params": params}, x) ** 2)
+  def grads(model):
+    loss = lambda params: jnp.sum(model.apply({**v, "params": params}, x) ** 2)
+    return jax.jit(jax.grad(loss))(v["params"])["layer5"]
 
-  g2 = jax.grad(loss)(v["params"], model2)["layer5"]
-  g4 = jax.grad(loss)(v["params"], model4)["layer5"]
+  g2, g4 = grads(model2), grads(model4)
   for i in (0, 1):
     assert np.abs(g2[f"conv2d_list_{i}"]["kernel"]).sum() > 0
   for i in (2, 3):
     assert np.abs(g2[f"conv2d_list_{i}"]["kernel"]).sum() == 0
     assert np.abs(g4[f"conv2d_list_{i}"]["kernel"]).sum() > 0
-  assert not np.allclose(model2.apply(v, x), model4.apply(v, x))
+  assert not np.allclose(jax.jit(model2.apply)(v, x), jax.jit(model4.apply)(v, x))

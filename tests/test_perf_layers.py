@@ -69,7 +69,7 @@ def _grads(model, variables, x):
     out, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
                          x, train=True, mutable=["batch_stats"])
     return jnp.sum(out ** 2)
-  return jax.grad(loss)(variables["params"])
+  return jax.jit(jax.grad(loss))(variables["params"])
 
 
 @pytest.mark.parametrize("conv_impl,remat", [("xla", (1, 3)), ("dot", (2, 4))])
@@ -78,14 +78,14 @@ def test_deeplab_variants_match_the_default(conv_impl, remat, monkeypatch):
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 41, 33, 3)) * 30
   kwargs = dict(num_classes=5, stage_sizes=(1, 1, 1, 1), width=8, aspp_branches=2)
   ref = DeepLabV2(**kwargs)
-  variables = ref.init(jax.random.PRNGKey(0), x)
+  variables = jax.jit(ref.init)(jax.random.PRNGKey(0), x)   # (jitted: not op by op)
   model = DeepLabV2(conv_impl=conv_impl, remat_stages=remat, **kwargs)
-  same_init = model.init(jax.random.PRNGKey(0), x)
+  same_init = jax.jit(model.init)(jax.random.PRNGKey(0), x)
   for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(same_init)):
     np.testing.assert_array_equal(a, b)
   assert jax.tree.structure(variables) == jax.tree.structure(same_init)
-  np.testing.assert_allclose(model.apply(variables, x), ref.apply(variables, x),
-                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(jax.jit(model.apply)(variables, x),
+                             jax.jit(ref.apply)(variables, x), rtol=1e-4, atol=1e-4)
   for a, b in zip(jax.tree.leaves(_grads(model, variables, x)),
                   jax.tree.leaves(_grads(ref, variables, x))):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * float(np.abs(b).max()))
