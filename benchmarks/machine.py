@@ -19,3 +19,27 @@ def cpu_model() -> str:
 def max_rss_bytes() -> int:
   """This process's maximum resident set size so far."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss() -> bool:
+  """Resets this process's resident-set high-water mark (Linux,
+  ``/proc/self/clear_refs``), so that ``peak_rss_bytes`` measures from here
+  on: e.g. the training steps without the compilation before them. The
+  kernel's ``ru_maxrss`` is reset with it: read the peak before resetting."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
+def peak_rss_bytes() -> int:
+  """The resident-set high-water mark since the last ``reset_peak_rss``
+  (``VmHWM``); without /proc, the maximum since the process started."""
+  try:
+    with open("/proc/self/status") as f:
+      line = next(l for l in f if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+  except (OSError, StopIteration):
+    return max_rss_bytes()

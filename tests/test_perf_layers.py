@@ -38,27 +38,6 @@ def test_summed_dilated_convs_equal_lax_conv():
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("cin,dilation,kernel", [(6, 1, 3), (6, 3, 3), (4, 2, 5), (2, 1, 3)])
-def test_im2col_conv_equals_lax_conv(cin, dilation, kernel, monkeypatch):
-  """Both paths of Im2colConv (GEMM at >= IM2COL_MIN_CHANNELS input channels,
-  lax.conv below), values and gradients, on a 9x7 map."""
-  monkeypatch.setattr(layers, "IM2COL_MIN_CHANNELS", 4)
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 7, cin))
-  pad = dilation * (kernel // 2)
-  args = dict(padding=((pad, pad), (pad, pad)), kernel_dilation=dilation, use_bias=True)
-  ref = nn.Conv(5, (kernel, kernel), **args)
-  variables = jax.tree.map(lambda v: v + 0.3, ref.init(jax.random.PRNGKey(1), x))
-  conv = layers.conv_module("dot")(5, (kernel, kernel), **args)
-  assert isinstance(conv, layers.Im2colConv)
-  assert jax.tree.structure(conv.init(jax.random.PRNGKey(1), x)) == jax.tree.structure(variables)
-  np.testing.assert_allclose(conv.apply(variables, x), ref.apply(variables, x),
-                             rtol=1e-5, atol=1e-4)
-  grad = lambda m: jax.grad(lambda v, x: jnp.sum(jnp.sin(m.apply(v, x))), argnums=(0, 1))(
-      variables, x)
-  for a, b in zip(jax.tree.leaves(grad(conv)), jax.tree.leaves(grad(ref))):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-
-
 def test_unknown_conv_impl_fails():
   with pytest.raises(ValueError, match="conv_impl"):
     layers.conv_module("winograd")
@@ -73,8 +52,7 @@ def _grads(model, variables, x):
 
 
 @pytest.mark.parametrize("conv_impl,remat", [("xla", (1, 3)), ("dot", (2, 4))])
-def test_deeplab_variants_match_the_default(conv_impl, remat, monkeypatch):
-  monkeypatch.setattr(layers, "IM2COL_MIN_CHANNELS", 16)  # layer3's and layer4's 3x3 convs
+def test_deeplab_variants_match_the_default(conv_impl, remat):
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 41, 33, 3)) * 30
   kwargs = dict(num_classes=5, stage_sizes=(1, 1, 1, 1), width=8, aspp_branches=2)
   ref = DeepLabV2(**kwargs)

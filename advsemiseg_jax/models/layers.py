@@ -8,17 +8,15 @@
   the two BN modes of the paper's code.
 * ``conv_module``/``summed_dilated_convs``: the convolution implementation
   switch (``model.conv_impl``). ``xla`` is ``lax.conv`` everywhere (fast on
-  GPU/TPU). ``dot`` writes 1x1 convolutions as ``dot_general`` over channels,
-  wide 3x3 convolutions as one GEMM over shifted input copies (im2col), and
-  the ASPP head as one GEMM over only the taps that land inside the map, then
-  shift-and-add (XLA:CPU runs these faster that way; see
+  GPU/TPU). ``dot`` writes 1x1 convolutions as ``dot_general`` over channels
+  and the ASPP head as one GEMM over only the taps that land inside the map,
+  then shift-and-add (XLA:CPU runs both several times faster that way; see
   docs/performance.md). Same parameters, same results up to rounding.
 """
 import functools
 from typing import Any, Callable
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -130,97 +128,42 @@ def batch_norm(bn_mode: str, train: bool, dtype=jnp.float32):
   return functools.partial(BatchNorm, use_running_average=use_running, dtype=dtype)
 
 
-class _ConvAsGemm(nn.Module):
-  """``nn.Conv``'s fields and parameters (``kernel`` (kh, kw, in, out),
-  optional ``bias``), so checkpoints move freely between the two; subclasses
-  compute the convolution in ``convolve``."""
+class DotConv(nn.Module):
+  """A 1x1 convolution (no padding) as a matrix product over channels.
+
+  Parameters are named and shaped as ``nn.Conv``'s (``kernel`` (1, 1, in,
+  out), optional ``bias``), so checkpoints move freely between the two. A
+  stride ``s`` samples every ``s``-th pixel first, as a 1x1 convolution does.
+  """
   features: int
   kernel_size: Any = (1, 1)
   strides: Any = 1
-  padding: Any = ((0, 0), (0, 0))
-  kernel_dilation: Any = 1
   use_bias: bool = True
   dtype: Any = jnp.float32
   kernel_init: Callable = nn.initializers.lecun_normal()
   bias_init: Callable = nn.initializers.zeros
 
-  def convolve(self, x, kernel):
-    raise NotImplementedError
-
   @nn.compact
   def __call__(self, x):
-    kernel = self.param("kernel", self.kernel_init,
-                        tuple(self.kernel_size) + (x.shape[-1], self.features), jnp.float32)
-    y = self.convolve(x, kernel)
-    if self.use_bias:
-      y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(self.dtype)
-    return y
-
-
-class DotConv(_ConvAsGemm):
-  """A 1x1 convolution (no padding) as a matrix product over channels. A
-  stride ``s`` samples every ``s``-th pixel first, as a 1x1 convolution does."""
-
-  def convolve(self, x, kernel):
     if tuple(self.kernel_size) != (1, 1):
       raise ValueError(f"DotConv is 1x1 only, got kernel_size={self.kernel_size}")
+    kernel = self.param("kernel", self.kernel_init,
+                        (1, 1, x.shape[-1], self.features), jnp.float32)
     s = self.strides if isinstance(self.strides, int) else self.strides[0]
     if s > 1:
       x = x[:, ::s, ::s, :]
-    return lax.dot_general(x.astype(self.dtype), kernel[0, 0].astype(self.dtype),
-                           (((3,), (0,)), ((), ())))
-
-
-# Under conv_impl="dot", 3x3 stride-1 convolutions with at least this many
-# input channels run as one GEMM (``Im2colConv``): on XLA:CPU that beat
-# lax.conv by 1.3-2x (forward + backward) on 41x41 maps of 256-512 channels
-# (layer3/layer4 at 321x321) and lost on 81x81x64 (see docs/performance.md).
-IM2COL_MIN_CHANNELS = 256
-
-
-def im2col_conv(x, kernel, padding, dilation, dtype=jnp.float32):
-  """A stride-1 convolution as one GEMM: the kh*kw shifted views of the
-  padded input are concatenated along channels and multiplied by the
-  (kh*kw*in, out) kernel. The concatenation is rematerialised for the
-  backward pass (only ``x`` is kept), so memory stays that of ``lax.conv``."""
-  kh, kw, cin, cout = kernel.shape
-  n, h, w, _ = x.shape
-  (pt, pb), (pl, pr) = padding
-  dy, dx = dilation
-  oh, ow = h + pt + pb - dy * (kh - 1), w + pl + pr - dx * (kw - 1)
-
-  @jax.checkpoint
-  def columns(x):
-    xp = jnp.pad(x.astype(dtype), ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    return jnp.concatenate([xp[:, i * dy:i * dy + oh, j * dx:j * dx + ow, :]
-                            for i in range(kh) for j in range(kw)], axis=-1)
-  return lax.dot_general(columns(x), kernel.reshape(kh * kw * cin, cout).astype(dtype),
-                         (((3,), (0,)), ((), ())))
-
-
-class Im2colConv(_ConvAsGemm):
-  """A stride-1 convolution with explicit padding, as ``im2col_conv`` when
-  the input has at least ``IM2COL_MIN_CHANNELS`` channels and as ``lax.conv``
-  otherwise."""
-
-  def convolve(self, x, kernel):
-    if self.strides not in (1, (1, 1)):
-      raise ValueError(f"Im2colConv is stride 1 only, got strides={self.strides}")
-    d = self.kernel_dilation
-    dilation = (d, d) if isinstance(d, int) else tuple(d)
-    padding = tuple(tuple(p) for p in self.padding)
-    if x.shape[-1] >= IM2COL_MIN_CHANNELS:
-      return im2col_conv(x, kernel, padding, dilation, self.dtype)
-    return lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype), (1, 1),
-                                    padding, rhs_dilation=dilation,
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = lax.dot_general(x.astype(self.dtype), kernel[0, 0].astype(self.dtype),
+                        (((3,), (0,)), ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
 
 
 def conv_module(impl: str) -> Callable[..., nn.Module]:
   """The convolution class for ``model.conv_impl``: ``nn.Conv`` (``xla``), or
-  a factory (``dot``) that builds ``DotConv`` for 1x1 kernels, ``Im2colConv``
-  for stride-1 kernels with explicit padding, and ``nn.Conv`` for the rest
-  (the strided stem). Both take ``nn.Conv``'s arguments."""
+  a factory that builds ``DotConv`` for 1x1 kernels (``dot``) and ``nn.Conv``
+  for every other kernel. Both take ``nn.Conv``'s arguments."""
   if impl not in CONV_IMPLS:
     raise ValueError(f"model.conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
   if impl == "xla":
@@ -231,8 +174,6 @@ def conv_module(impl: str) -> Callable[..., nn.Module]:
     if tuple(kernel_size) == (1, 1) and unpadded and kwargs.get("kernel_dilation", 1) == 1:
       kwargs.pop("kernel_dilation", None)
       return DotConv(features, kernel_size, strides=strides, **kwargs)
-    if strides in (1, (1, 1)) and not isinstance(padding, str):
-      return Im2colConv(features, kernel_size, padding=padding, **kwargs)
     return nn.Conv(features, kernel_size, strides=strides, padding=padding, **kwargs)
   return make
 
