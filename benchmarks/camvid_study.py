@@ -87,7 +87,7 @@ def selected_pixel_accuracy(args, record):
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from advsemiseg_jax import checkpoint, models, parallel
+  from advsemiseg_jax import checkpoint, models
   from advsemiseg_jax.data import streams
   from advsemiseg_jax.train import Trainer
   config = make_config(args, record["fraction"], record["arm"], record["seed"])

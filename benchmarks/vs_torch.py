@@ -32,7 +32,6 @@ from benchmarks.machine import cpu_model, peak_rss_bytes, reset_peak_rss  # noqa
 def torch_worker(args):
   """Reads "step" lines, answers each with the step's seconds (JSON)."""
   import warnings
-  import numpy as np
   import torch
   sys.path.insert(0, os.path.join(ROOT, "tests"))
   import torch_reference as tr
