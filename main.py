@@ -14,6 +14,12 @@ pods and SLURM/Open MPI clusters, or --coordinator_address=HOST:PORT
 import os
 import signal
 
+if __name__ == "__main__":
+  # First thing: re-run under tcmalloc when the system has it (XLA:CPU's
+  # per-step buffers without page faults; advsemiseg_jax/allocator.py).
+  from advsemiseg_jax import allocator
+  allocator.reexec_with_tcmalloc()
+
 # SIGTERM is blocked in this thread and in every thread started from here on
 # (they inherit the mask); faults.start_sigterm_watcher() takes it in a thread
 # of its own, so it is seen at once even during a long compile. Before
@@ -67,6 +73,9 @@ def main(argv):
   from advsemiseg_jax.validate import ConfigError
   logging.set_verbosity(logging.INFO)
   quiet_library_logs()
+  from advsemiseg_jax import allocator
+  logging.info("memory allocator: %s (%s=system keeps glibc's)", allocator.active(),
+               allocator.ENV_CHOICE)
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except ConfigError as e:

@@ -15,7 +15,7 @@ DATA_AXIS = "data"
 # XLA:CPU flags our CPU measurements showed to help (docs/performance.md). An
 # unknown flag aborts XLA, so they are added only on jaxlib versions where they
 # were checked to exist.
-CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=+eltwise",)
+CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=+eltwise,+dot",)
 CPU_XLA_FLAGS_CHECKED_FROM = (0, 10)
 
 

@@ -22,7 +22,7 @@ $PY -c "import jax, jaxlib, flax, optax; print('jax', jax.__version__, 'jaxlib',
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" 2>/dev/null \
   || echo "torch: not installed here, vs_torch skipped"
 # Does this jaxlib know the CPU flag that parallel.set_default_xla_flags adds?
-XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=+eltwise $PY -c "import jax; jax.numpy.ones(1).block_until_ready(); print('ynn flag: known')" 2>&1 | tail -1
+XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=+eltwise,+dot $PY -c "import jax; jax.numpy.ones(1).block_until_ready(); print('ynn flag: known')" 2>&1 | tail -1
 
 # The XLA:CPU flags matter on CPU only; on a GPU machine leave XLA_FLAGS alone.
 TUNING=1

@@ -24,7 +24,10 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from advsemiseg_jax import parallel  # noqa: E402
+from advsemiseg_jax import allocator, parallel  # noqa: E402
+
+if __name__ == "__main__":
+  allocator.reexec_with_tcmalloc()  # As main.py does (before JAX starts).
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -271,6 +274,7 @@ def main(argv=None):
   rows = [
       ("machine", describe_machine()),
       ("jax / jaxlib", f"{jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"),
+      ("memory allocator", allocator.active()),
       ("load average (1, 5, 15 min)", " ".join(f"{v:.2f}" for v in os.getloadavg())),
       ("config", f"{args.config} " + " ".join(args.set)),
       ("step", f"batch {batch}, {size[0]}x{size[1]}, backbone {config.model.backbone}, "

@@ -26,6 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 NUM_CLASSES = 21
 
+from advsemiseg_jax import allocator  # noqa: E402
 from benchmarks.machine import cpu_model, peak_rss_bytes, reset_peak_rss  # noqa: E402
 
 
@@ -150,6 +151,8 @@ def main():
   parser.add_argument("--conv_impl", default="dot", help="JAX model.conv_impl")
   parser.add_argument("--xla_cpu_tuning", type=int, default=1)
   args = parser.parse_args()
+  if not args.worker:  # Both workers inherit the allocator, as main.py's would.
+    allocator.reexec_with_tcmalloc()
   if args.worker == "torch":
     return torch_worker(args)
   if args.worker == "jax":
@@ -175,7 +178,7 @@ def main():
   print(f"\n## one training iteration, JAX vs torch: {args.backbone} (width {args.width}), "
         f"{args.size}x{args.size}, batch {args.batch}, semi on\n")
   print(f"machine: {cpu_model()}; load average before {load_before[0]:.2f}, "
-        f"after {os.getloadavg()[0]:.2f}; torch threads {args.threads or os.cpu_count()}; "
+        f"after {os.getloadavg()[0]:.2f}; allocator (both) {allocator.active()}; torch threads {args.threads or os.cpu_count()}; "
         f"JAX conv_impl={args.conv_impl}, XLA CPU flags {'on' if args.xla_cpu_tuning else 'off'}; "
         f"{args.rounds} alternating rounds after {args.warmup} warm-up\n")
   gib = lambda w: f"{w.rss / 2**30:.2f} | {w.step_rss / 2**30:.2f}"

@@ -78,3 +78,41 @@ def test_xla_flags_added_but_user_setting_kept(monkeypatch):
   assert parallel.set_default_xla_flags() == "--xla_cpu_experimental_ynn_fusion_type="
   monkeypatch.setenv("XLA_FLAGS", "")
   assert parallel.set_default_xla_flags(enable=False) == ""
+
+
+@pytest.mark.parametrize("dilation", [1, 2, 5])
+def test_dilated_conv3x3_values_and_gradients_equal_lax_conv(dilation):
+  """Map 4x6: with dilation 5 the vertical taps read only padding."""
+  kx, kk, kg = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.normal(kx, (2, 4, 6, 5))
+  kernel = jax.random.normal(kk, (3, 3, 5, 7))
+  dy = jax.random.normal(kg, (2, 4, 6, 7))
+  d = dilation
+
+  def ref(x, kernel):
+    return lax.conv_general_dilated(x, kernel, (1, 1), ((d, d), (d, d)), rhs_dilation=(d, d),
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  got, got_vjp = jax.vjp(lambda x, k: layers.dilated_conv3x3(x, k, d), x, kernel)
+  want, want_vjp = jax.vjp(ref, x, kernel)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  for a, b in zip(got_vjp(dy), want_vjp(dy)):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_conv3x3_module_has_nn_conv_parameters_and_bf16_gradients():
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 9, 9, 4))
+  ref = nn.Conv(3, (3, 3), padding=((2, 2), (2, 2)), kernel_dilation=2)
+  variables = ref.init(jax.random.PRNGKey(1), x)
+  conv = layers.conv_module("dot")(3, (3, 3), padding=((2, 2), (2, 2)), kernel_dilation=2)
+  assert isinstance(conv, layers.Conv3x3)
+  assert jax.tree.structure(conv.init(jax.random.PRNGKey(1), x)) == jax.tree.structure(variables)
+  np.testing.assert_allclose(conv.apply(variables, x), ref.apply(variables, x),
+                             rtol=1e-5, atol=1e-5)
+  bf16 = layers.Conv3x3(3, dilation=2, dtype=jnp.bfloat16)
+  grads = jax.grad(lambda v: jnp.sum(bf16.apply(v, x).astype(jnp.float32) ** 2))(variables)
+  want = jax.grad(lambda v: jnp.sum(ref.apply(v, x) ** 2))(variables)
+  assert grads["params"]["kernel"].dtype == jnp.float32
+  np.testing.assert_allclose(grads["params"]["kernel"], want["params"]["kernel"],
+                             rtol=0.05, atol=0.05 * float(jnp.abs(want["params"]["kernel"]).max()))

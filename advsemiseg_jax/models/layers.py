@@ -8,15 +8,18 @@
   the two BN modes of the paper's code.
 * ``conv_module``/``summed_dilated_convs``: the convolution implementation
   switch (``model.conv_impl``). ``xla`` is ``lax.conv`` everywhere (fast on
-  GPU/TPU). ``dot`` writes 1x1 convolutions as ``dot_general`` over channels
-  and the ASPP head as one GEMM over only the taps that land inside the map,
-  then shift-and-add (XLA:CPU runs both several times faster that way; see
-  docs/performance.md). Same parameters, same results up to rounding.
+  GPU/TPU). ``dot`` writes 1x1 convolutions as ``dot_general`` over channels,
+  the ASPP head as one GEMM over only the taps that land inside the map, then
+  shift-and-add, and computes the kernel gradient of the backbone's 3x3
+  convolutions as one GEMM per tap (``dilated_conv3x3``): XLA:CPU runs all
+  three several times faster that way (see docs/performance.md). Same
+  parameters, same results up to rounding.
 """
 import functools
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -128,42 +131,116 @@ def batch_norm(bn_mode: str, train: bool, dtype=jnp.float32):
   return functools.partial(BatchNorm, use_running_average=use_running, dtype=dtype)
 
 
-class DotConv(nn.Module):
+class _ChannelConv(nn.Module):
+  """What ``DotConv`` and ``Conv3x3`` share with ``nn.Conv``: its field names,
+  float32 ``kernel`` and ``bias`` parameters, and the bias in ``dtype``."""
+  features: int
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  bias_init: Callable = nn.initializers.zeros
+
+  def _kernel(self, *shape):
+    return self.param("kernel", self.kernel_init, shape, jnp.float32)
+
+  def _add_bias(self, y):
+    if not self.use_bias:
+      return y
+    bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+    return y + bias.astype(self.dtype)
+
+
+class DotConv(_ChannelConv):
   """A 1x1 convolution (no padding) as a matrix product over channels.
 
   Parameters are named and shaped as ``nn.Conv``'s (``kernel`` (1, 1, in,
   out), optional ``bias``), so checkpoints move freely between the two. A
   stride ``s`` samples every ``s``-th pixel first, as a 1x1 convolution does.
   """
-  features: int
   kernel_size: Any = (1, 1)
   strides: Any = 1
-  use_bias: bool = True
-  dtype: Any = jnp.float32
-  kernel_init: Callable = nn.initializers.lecun_normal()
-  bias_init: Callable = nn.initializers.zeros
 
   @nn.compact
   def __call__(self, x):
     if tuple(self.kernel_size) != (1, 1):
       raise ValueError(f"DotConv is 1x1 only, got kernel_size={self.kernel_size}")
-    kernel = self.param("kernel", self.kernel_init,
-                        (1, 1, x.shape[-1], self.features), jnp.float32)
+    kernel = self._kernel(1, 1, x.shape[-1], self.features)
     s = self.strides if isinstance(self.strides, int) else self.strides[0]
     if s > 1:
       x = x[:, ::s, ::s, :]
-    y = lax.dot_general(x.astype(self.dtype), kernel[0, 0].astype(self.dtype),
-                        (((3,), (0,)), ((), ())))
-    if self.use_bias:
-      bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
-      y = y + bias.astype(self.dtype)
-    return y
+    return self._add_bias(lax.dot_general(x.astype(self.dtype),
+                                          kernel[0, 0].astype(self.dtype),
+                                          (((3,), (0,)), ((), ()))))
+
+
+def _dilated_conv3x3(x, kernel, dilation: int):
+  d = dilation
+  return lax.conv_general_dilated(x, kernel, (1, 1), ((d, d), (d, d)),
+                                  rhs_dilation=(d, d),
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dilated_conv3x3(x, kernel, dilation: int):
+  """A stride-1 3x3 convolution with dilation ``d`` and padding ``d`` (the
+  output has the input's size), NHWC/HWIO, with a backward pass written for
+  XLA:CPU: the input gradient is the forward convolution of the output
+  gradient with the flipped, transposed kernel, and the kernel gradient is
+  one matrix product per tap, ``shifted(dy)^T @ x`` over all pixels
+  (XLA:CPU's own kernel-gradient convolution runs a few times slower than
+  that GEMM on 41x41 and larger maps). Same values up to rounding."""
+  return _dilated_conv3x3(x, kernel, dilation)
+
+
+def _dilated_conv3x3_fwd(x, kernel, dilation):
+  return _dilated_conv3x3(x, kernel, dilation), (x, kernel)
+
+
+def _dilated_conv3x3_bwd(dilation, residuals, dy):
+  x, kernel = residuals
+  d = dilation
+  n, h, w, cin = x.shape
+  cout = dy.shape[-1]
+  dx = _dilated_conv3x3(dy, jnp.flip(kernel, (0, 1)).swapaxes(2, 3), d)
+  # Tap (ky, kx) reads x at p + o, o = ((ky - 1) d, (kx - 1) d), so its
+  # gradient is sum_q dy[q - o] x[q]: shift dy, not x, so that every copy
+  # made here depends on dy and lives in the backward pass only.
+  padded = jnp.pad(dy, ((0, 0), (d, d), (d, d), (0, 0)))
+  x_flat = x.reshape(n * h * w, cin)
+  taps = []
+  for ky in range(3):
+    for kx in range(3):
+      if abs(ky - 1) * d >= h or abs(kx - 1) * d >= w:  # reads padding only
+        taps.append(jnp.zeros((cout, cin), jnp.float32))
+        continue
+      shifted = padded[:, (2 - ky) * d:(2 - ky) * d + h, (2 - kx) * d:(2 - kx) * d + w, :]
+      taps.append(lax.dot_general(shifted.reshape(n * h * w, cout), x_flat,
+                                  (((0,), (0,)), ((), ())),
+                                  preferred_element_type=jnp.float32))
+  dkernel = jnp.stack(taps).reshape(3, 3, cout, cin).swapaxes(2, 3)
+  return dx, dkernel.astype(kernel.dtype)
+
+
+dilated_conv3x3.defvjp(_dilated_conv3x3_fwd, _dilated_conv3x3_bwd)
+
+
+class Conv3x3(_ChannelConv):
+  """``nn.Conv(features, (3, 3), padding=d, kernel_dilation=d)`` through
+  ``dilated_conv3x3``: same parameter names, shapes and initialisers."""
+  dilation: int = 1
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self._kernel(3, 3, x.shape[-1], self.features)
+    return self._add_bias(dilated_conv3x3(x.astype(self.dtype), kernel.astype(self.dtype),
+                                          self.dilation))
 
 
 def conv_module(impl: str) -> Callable[..., nn.Module]:
   """The convolution class for ``model.conv_impl``: ``nn.Conv`` (``xla``), or
-  a factory that builds ``DotConv`` for 1x1 kernels (``dot``) and ``nn.Conv``
-  for every other kernel. Both take ``nn.Conv``'s arguments."""
+  a factory (``dot``) that builds ``DotConv`` for 1x1 kernels, ``Conv3x3``
+  for stride-1 3x3 kernels padded by their dilation, and ``nn.Conv`` for
+  every other kernel. All take ``nn.Conv``'s arguments."""
   if impl not in CONV_IMPLS:
     raise ValueError(f"model.conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
   if impl == "xla":
@@ -173,7 +250,12 @@ def conv_module(impl: str) -> Callable[..., nn.Module]:
     unpadded = padding in ("SAME", "VALID", 0, ((0, 0), (0, 0)))
     if tuple(kernel_size) == (1, 1) and unpadded and kwargs.get("kernel_dilation", 1) == 1:
       kwargs.pop("kernel_dilation", None)
-      return DotConv(features, kernel_size, strides=strides, **kwargs)
+      return DotConv(features, kernel_size=kernel_size, strides=strides, **kwargs)
+    d = kwargs.get("kernel_dilation", 1)
+    if (isinstance(d, int) and tuple(kernel_size) == (3, 3) and strides in (1, (1, 1))
+        and padding in (d, ((d, d), (d, d)))):
+      kwargs.pop("kernel_dilation", None)
+      return Conv3x3(features, dilation=d, **kwargs)
     return nn.Conv(features, kernel_size, strides=strides, padding=padding, **kwargs)
   return make
 
