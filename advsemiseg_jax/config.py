@@ -23,7 +23,9 @@ def base_config() -> ml_collections.ConfigDict:
   # S's convolutions and matmuls: float32 | bfloat16 (parameters, BN statistics,
   # softmax, losses and D stay float32).
   c.model.compute_dtype = "float32"
-  c.model.conv_impl = "xla"       # xla (lax.conv; GPU/TPU) | dot (1x1 convs and ASPP as GEMMs; faster on CPU)
+  # auto: dot on CPU, xla elsewhere | xla (lax.conv; GPU/TPU) | dot (convs written
+  # for XLA:CPU: 1x1 convs and ASPP as GEMMs, 3x3 kernel gradients as GEMMs).
+  c.model.conv_impl = "auto"
   c.model.remat_stages = ()       # backbone stages 1..4 recomputed in the backward pass (less memory), e.g. (3,)
   c.model.discriminator = "fc"    # fc (the paper) | image ("no FCD" ablation)
   c.model.disc_width = 64

@@ -33,8 +33,8 @@ def validate_config(config, workdir: str = None):
   _check(m.width > 0 and m.disc_width > 0, "model.width and model.disc_width must be positive")
   _check(m.compute_dtype in DTYPES,
          f"model.compute_dtype must be one of {sorted(DTYPES)}, got {m.compute_dtype!r}")
-  _check(m.conv_impl in CONV_IMPLS,
-         f"model.conv_impl must be one of {CONV_IMPLS}, got {m.conv_impl!r}")
+  _check(m.conv_impl in ("auto",) + CONV_IMPLS,
+         f"model.conv_impl must be one of {('auto',) + CONV_IMPLS}, got {m.conv_impl!r}")
   _check(all(s in (1, 2, 3, 4) for s in m.remat_stages),
          f"model.remat_stages must name stages 1..4, got {tuple(m.remat_stages)}")
   _check(o.iter_size >= 1 and d.batch_size % o.iter_size == 0,

@@ -278,7 +278,8 @@ def main(argv=None):
       ("load average (1, 5, 15 min)", " ".join(f"{v:.2f}" for v in os.getloadavg())),
       ("config", f"{args.config} " + " ".join(args.set)),
       ("step", f"batch {batch}, {size[0]}x{size[1]}, backbone {config.model.backbone}, "
-               f"{config.model.compute_dtype}, conv_impl {config.model.conv_impl}, "
+               f"{config.model.compute_dtype}, "
+               f"conv_impl {models.resolve_conv_impl(config.model.conv_impl)}, "
                f"remat {tuple(config.model.remat_stages)}, iter_size {config.optim.iter_size}, "
                f"unlabeled branch {'on' if uses_unlabeled(config.loss) else 'off'}"),
       ("compile", f"{r['compile_s']:.1f} s"),

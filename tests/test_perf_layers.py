@@ -116,3 +116,18 @@ def test_conv3x3_module_has_nn_conv_parameters_and_bf16_gradients():
   assert grads["params"]["kernel"].dtype == jnp.float32
   np.testing.assert_allclose(grads["params"]["kernel"], want["params"]["kernel"],
                              rtol=0.05, atol=0.05 * float(jnp.abs(want["params"]["kernel"]).max()))
+
+
+def test_conv_impl_auto_is_dot_on_cpu_and_xla_elsewhere():
+  from advsemiseg_jax.config import base_config
+  from advsemiseg_jax.models import build_generator, resolve_conv_impl
+  from advsemiseg_jax.validate import ConfigError, validate_config
+  assert resolve_conv_impl("auto", "cpu") == "dot"
+  assert resolve_conv_impl("auto", "gpu") == resolve_conv_impl("auto", "tpu") == "xla"
+  assert resolve_conv_impl("xla", "cpu") == "xla" and resolve_conv_impl("dot", "gpu") == "dot"
+  config = base_config()
+  assert config.model.conv_impl == "auto"
+  assert build_generator(config.model, 3).conv_impl == resolve_conv_impl("auto")
+  config.model.conv_impl = "winograd"
+  with pytest.raises(ConfigError, match="conv_impl"):
+    validate_config(config)

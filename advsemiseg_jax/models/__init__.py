@@ -1,4 +1,5 @@
 """Model builders from the ``model`` section of a config."""
+import jax
 import jax.numpy as jnp
 
 from advsemiseg_jax.models.deeplab import (ASPP_DILATIONS, OUTPUT_STRIDE,
@@ -13,6 +14,15 @@ DISCRIMINATORS = {"fc": FCDiscriminator, "image": ImageDiscriminator}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def resolve_conv_impl(conv_impl: str, backend: str = None) -> str:
+  """``model.conv_impl`` for this run: ``auto`` is ``dot`` on CPU (the
+  convolutions written for XLA:CPU) and ``xla`` on GPU and TPU. Both give the
+  same parameters, so checkpoints move freely between machines."""
+  if conv_impl != "auto":
+    return conv_impl
+  return "dot" if (backend or jax.default_backend()) == "cpu" else "xla"
+
+
 def build_generator(model_config, num_classes: int) -> DeepLabV2:
   """DeepLab-v2 from ``config.model`` (backbone, width, aspp_branches, bn_mode,
   compute_dtype, conv_impl, remat_stages)."""
@@ -25,7 +35,7 @@ def build_generator(model_config, num_classes: int) -> DeepLabV2:
                    aspp_branches=model_config.aspp_branches,
                    bn_mode=model_config.bn_mode,
                    dtype=DTYPES[model_config.compute_dtype],
-                   conv_impl=model_config.conv_impl,
+                   conv_impl=resolve_conv_impl(model_config.conv_impl),
                    remat_stages=tuple(model_config.remat_stages))
 
 
@@ -40,4 +50,4 @@ def build_discriminator(model_config):
 __all__ = ["ASPP_DILATIONS", "OUTPUT_STRIDE", "STAGE_SIZES", "DeepLabV2",
            "FCDiscriminator", "ImageDiscriminator", "build_generator",
            "build_discriminator", "confidence_logits", "resize_bilinear",
-           "upsample_logits"]
+           "resolve_conv_impl", "upsample_logits"]
