@@ -131,46 +131,42 @@ def batch_norm(bn_mode: str, train: bool, dtype=jnp.float32):
   return functools.partial(BatchNorm, use_running_average=use_running, dtype=dtype)
 
 
-class _ChannelConv(nn.Module):
-  """What ``DotConv`` and ``Conv3x3`` share with ``nn.Conv``: its field names,
-  float32 ``kernel`` and ``bias`` parameters, and the bias in ``dtype``."""
+class _ConvAsGemm(nn.Module):
+  """``nn.Conv``'s fields and parameters (``kernel`` (kh, kw, in, out),
+  optional ``bias``), so checkpoints move freely between the two; subclasses
+  compute the convolution in ``convolve`` (inputs already in ``dtype``)."""
   features: int
+  kernel_size: Any = (1, 1)
   use_bias: bool = True
   dtype: Any = jnp.float32
   kernel_init: Callable = nn.initializers.lecun_normal()
   bias_init: Callable = nn.initializers.zeros
 
-  def _kernel(self, *shape):
-    return self.param("kernel", self.kernel_init, shape, jnp.float32)
-
-  def _add_bias(self, y):
-    if not self.use_bias:
-      return y
-    bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
-    return y + bias.astype(self.dtype)
-
-
-class DotConv(_ChannelConv):
-  """A 1x1 convolution (no padding) as a matrix product over channels.
-
-  Parameters are named and shaped as ``nn.Conv``'s (``kernel`` (1, 1, in,
-  out), optional ``bias``), so checkpoints move freely between the two. A
-  stride ``s`` samples every ``s``-th pixel first, as a 1x1 convolution does.
-  """
-  kernel_size: Any = (1, 1)
-  strides: Any = 1
+  def convolve(self, x, kernel):
+    raise NotImplementedError
 
   @nn.compact
   def __call__(self, x):
+    kernel = self.param("kernel", self.kernel_init,
+                        tuple(self.kernel_size) + (x.shape[-1], self.features), jnp.float32)
+    y = self.convolve(x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(self.dtype)
+    return y
+
+
+class DotConv(_ConvAsGemm):
+  """A 1x1 convolution (no padding) as a matrix product over channels. A
+  stride ``s`` samples every ``s``-th pixel first, as a 1x1 convolution does."""
+  strides: Any = 1
+
+  def convolve(self, x, kernel):
     if tuple(self.kernel_size) != (1, 1):
       raise ValueError(f"DotConv is 1x1 only, got kernel_size={self.kernel_size}")
-    kernel = self._kernel(1, 1, x.shape[-1], self.features)
     s = self.strides if isinstance(self.strides, int) else self.strides[0]
     if s > 1:
       x = x[:, ::s, ::s, :]
-    return self._add_bias(lax.dot_general(x.astype(self.dtype),
-                                          kernel[0, 0].astype(self.dtype),
-                                          (((3,), (0,)), ((), ()))))
+    return lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
 
 
 def _dilated_conv3x3(x, kernel, dilation: int):
@@ -224,16 +220,14 @@ def _dilated_conv3x3_bwd(dilation, residuals, dy):
 dilated_conv3x3.defvjp(_dilated_conv3x3_fwd, _dilated_conv3x3_bwd)
 
 
-class Conv3x3(_ChannelConv):
+class Conv3x3(_ConvAsGemm):
   """``nn.Conv(features, (3, 3), padding=d, kernel_dilation=d)`` through
   ``dilated_conv3x3``: same parameter names, shapes and initialisers."""
+  kernel_size: Any = (3, 3)
   dilation: int = 1
 
-  @nn.compact
-  def __call__(self, x):
-    kernel = self._kernel(3, 3, x.shape[-1], self.features)
-    return self._add_bias(dilated_conv3x3(x.astype(self.dtype), kernel.astype(self.dtype),
-                                          self.dilation))
+  def convolve(self, x, kernel):
+    return dilated_conv3x3(x, kernel, self.dilation)
 
 
 def conv_module(impl: str) -> Callable[..., nn.Module]:
