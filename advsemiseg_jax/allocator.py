@@ -53,7 +53,7 @@ def preload_env(environ: Mapping[str, str], library: Optional[str]) -> Optional[
   if choice != "auto":
     library = choice
   preloaded = environ.get("LD_PRELOAD", "")
-  if not library or "tcmalloc" in preloaded or "jemalloc" in preloaded:
+  if not library or active(preloaded) != "system":
     return None
   env = dict(environ)
   env["LD_PRELOAD"] = f"{library} {preloaded}".strip()
@@ -78,9 +78,11 @@ def reexec_with_tcmalloc(library: Optional[str] = None) -> None:
           file=sys.stderr)
 
 
-def active() -> str:
-  """What this process allocates with: the preloaded library, or "system"."""
-  preloaded = os.environ.get("LD_PRELOAD", "")
+def active(preloaded: Optional[str] = None) -> str:
+  """The tcmalloc or jemalloc that ``preloaded`` (default: this process's
+  ``LD_PRELOAD``) names, or "system"."""
+  if preloaded is None:
+    preloaded = os.environ.get("LD_PRELOAD", "")
   for part in preloaded.split():
     if "tcmalloc" in part or "jemalloc" in part:
       return part
