@@ -39,5 +39,6 @@ def build_training(config, num_classes: int):
       nonfinite_skips=jnp.zeros((), jnp.int32))
   step_fn = make_train_step(config.loss, generator, discriminator, g_tx, d_tx,
                             g_sched, d_sched, nonfinite_policy=config.nonfinite_policy,
-                            iter_size=config.optim.iter_size)
+                            iter_size=config.optim.iter_size,
+                            sequential_passes=config.optim.sequential_passes)
   return generator, discriminator, state, step_fn

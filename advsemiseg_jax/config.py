@@ -97,6 +97,11 @@ def base_config() -> ml_collections.ConfigDict:
   # batch into iter_size microbatches (own BN statistics each) and applies the
   # mean of their gradients once.
   c.optim.iter_size = 1
+  # S's unlabeled gradient is computed before the labeled pass starts (as the
+  # authors' two backward() calls): the two passes' activations are never
+  # alive together. Less memory (CPU, 321x321, batch 2: XLA's temporaries
+  # 6.2 -> 3.7 GiB), less overlap (that step 13% slower on 2 cores).
+  c.optim.sequential_passes = False
 
   c.eval_every = 1000             # steps between evaluations (0 = only at the end)
   c.checkpoint_every = 1000

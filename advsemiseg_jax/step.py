@@ -53,6 +53,19 @@ def guard_nonfinite(state, new_state, metrics, g_grads, d_grads, policy: str):
   return new_state, metrics
 
 
+def computed_after(x, tree):
+  """``x``, made to depend on every leaf of ``tree``, so that XLA computes the
+  whole of ``tree`` before anything that uses the result.
+
+  A data dependency, ``x + sum(0 * one element of each leaf)``, because
+  XLA:CPU removes optimization barriers before it schedules. ``nan_to_num``
+  keeps a non-finite leaf from reaching ``x``.
+  """
+  zero = sum(jnp.nan_to_num(leaf.reshape(-1)[0]).astype(jnp.float32) * 0
+             for leaf in jax.tree.leaves(tree))
+  return x + zero.astype(x.dtype)
+
+
 def uses_unlabeled(loss_config) -> bool:
   """Whether the unlabeled branch exists at all (decided at trace time)."""
   return loss_config.lambda_semi > 0 or loss_config.lambda_semi_adv > 0
@@ -64,7 +77,7 @@ def uses_discriminator(loss_config) -> bool:
 
 def make_train_step(loss_config, generator, discriminator, g_tx, d_tx,
                     g_schedule, d_schedule, nonfinite_policy: str = "stop",
-                    iter_size: int = 1):
+                    iter_size: int = 1, sequential_passes: bool = False):
   """Builds ``train_step(state, batch) -> (state, metrics)``.
 
   ``batch`` holds ``image`` (B,H,W,3), ``label`` (B,H,W) and, when the method
@@ -79,6 +92,8 @@ def make_train_step(loss_config, generator, discriminator, g_tx, d_tx,
   microbatch ``r % iter_size``, so every device's rows split evenly), each
   normalised with its own BN statistics (running averages updated in turn),
   and both optimisers apply the mean of the microbatch gradients once.
+  ``sequential_passes`` computes S's unlabeled gradient before the labeled
+  forward pass starts (less memory, less overlap; same result up to rounding).
   """
   lc = loss_config
   with_unlabeled, with_d = uses_unlabeled(lc), uses_discriminator(lc)
@@ -103,24 +118,26 @@ def make_train_step(loss_config, generator, discriminator, g_tx, d_tx,
     semi_on = step >= lc.semi_start
     semi_adv_on = step >= lc.semi_start_adv
 
-    def g_loss_fn(g_params):
-      stats = batch_stats
+    def unlabeled_loss(g_params, stats):
+      """S's weighted unlabeled terms: (total, (new BN statistics, measurements))."""
       out = {}
-      total_unl = 0.0
-      if with_unlabeled:  # Unlabeled first, then labeled, as the authors' code.
-        unl_logits, stats = segment(g_params, stats, batch["unlabeled_image"])
-        d_unl = d_map(state.d_params, jax.nn.softmax(unl_logits))
-        out["loss_semi_adv"] = losses.adversarial_loss(d_unl)
-        out["loss_semi"], out["semi_ratio"] = losses.semi_loss(
-            unl_logits, d_unl, lc.t_semi)
-        total_unl = (jnp.where(semi_adv_on, lc.lambda_semi_adv, 0.0) * out["loss_semi_adv"]
-                     + jnp.where(semi_on, lc.lambda_semi, 0.0) * out["loss_semi"])
-        if lc.skip_unlabeled_when_mask_empty:
-          total_unl = jnp.where(semi_on & (out["semi_ratio"] == 0), 0.0, total_unl)
-        out["unlabeled_logits"] = unl_logits
-      logits, stats = segment(g_params, stats, batch["image"])
+      unl_logits, stats = segment(g_params, stats, batch["unlabeled_image"])
+      d_unl = d_map(state.d_params, jax.nn.softmax(unl_logits))
+      out["loss_semi_adv"] = losses.adversarial_loss(d_unl)
+      out["loss_semi"], out["semi_ratio"] = losses.semi_loss(unl_logits, d_unl, lc.t_semi)
+      total = (jnp.where(semi_adv_on, lc.lambda_semi_adv, 0.0) * out["loss_semi_adv"]
+               + jnp.where(semi_on, lc.lambda_semi, 0.0) * out["loss_semi"])
+      if lc.skip_unlabeled_when_mask_empty:
+        total = jnp.where(semi_on & (out["semi_ratio"] == 0), 0.0, total)
+      out["unlabeled_logits"] = unl_logits
+      return total, (stats, out)
+
+    def labeled_loss(g_params, stats, images):
+      """S's labeled terms: (total, (new BN statistics, measurements))."""
+      out = {}
+      logits, stats = segment(g_params, stats, images)
       out["loss_ce"] = losses.cross_entropy(logits, labels)
-      total = out["loss_ce"] + total_unl
+      total = out["loss_ce"]
       if lc.lambda_adv > 0:
         d_lab = d_map(state.d_params, jax.nn.softmax(logits))
         out["loss_adv"] = losses.adversarial_loss(d_lab, labels != ignore)
@@ -128,8 +145,26 @@ def make_train_step(loss_config, generator, discriminator, g_tx, d_tx,
       out["logits"] = logits
       return total, (stats, out)
 
-    (loss_g, (new_stats, out)), g_grads = jax.value_and_grad(
-        g_loss_fn, has_aux=True)(state.g_params)
+    grad_fn = lambda fn: jax.value_and_grad(fn, has_aux=True)
+    if with_unlabeled and sequential_passes:
+      # Unlabeled gradient first, then the labeled pass, as the authors' two
+      # backward() calls: the passes' activations are never alive together.
+      (loss_u, (stats, out_u)), grads_u = grad_fn(
+          lambda p: unlabeled_loss(p, batch_stats))(state.g_params)
+      images = computed_after(batch["image"], grads_u)
+      (loss_l, (new_stats, out)), grads_l = grad_fn(
+          lambda p: labeled_loss(p, stats, images))(state.g_params)
+      loss_g, out = loss_u + loss_l, {**out_u, **out}
+      g_grads = jax.tree.map(jnp.add, grads_u, grads_l)
+    else:
+      def g_loss_fn(g_params):  # Unlabeled first, then labeled, as the authors' code.
+        total, (stats, out) = 0.0, (batch_stats, {})
+        if with_unlabeled:
+          total, (stats, out) = unlabeled_loss(g_params, stats)
+        lab_total, (stats, lab_out) = labeled_loss(g_params, stats, batch["image"])
+        return total + lab_total, (stats, {**out, **lab_out})
+
+      (loss_g, (new_stats, out)), g_grads = grad_fn(g_loss_fn)(state.g_params)
     metrics = {k: v for k, v in out.items() if not k.endswith("logits")}
     metrics["loss_g"] = loss_g
     metrics["lr_g"] = g_schedule(step)

@@ -281,6 +281,7 @@ def main(argv=None):
                f"{config.model.compute_dtype}, "
                f"conv_impl {models.resolve_conv_impl(config.model.conv_impl)}, "
                f"remat {tuple(config.model.remat_stages)}, iter_size {config.optim.iter_size}, "
+               f"sequential passes {'on' if config.optim.sequential_passes else 'off'}, "
                f"unlabeled branch {'on' if uses_unlabeled(config.loss) else 'off'}"),
       ("compile", f"{r['compile_s']:.1f} s"),
       ("step time, median", f"{median * 1e3:.1f} ms over {len(t)} steps "

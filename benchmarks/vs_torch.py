@@ -69,6 +69,7 @@ def jax_worker(args):
   config.unlock()
   config.model.backbone, config.model.width = args.backbone, args.width
   config.model.compute_dtype, config.model.conv_impl = args.dtype, args.conv_impl
+  config.optim.sequential_passes = args.sequential_passes == "1"
   config.loss.semi_start = 0
   mesh = parallel.make_mesh(jax.devices()[:1])
   state, step_fn = ts.build_state(config, NUM_CLASSES)
@@ -150,6 +151,8 @@ def main():
   parser.add_argument("--dtype", default="float32")
   parser.add_argument("--conv_impl", default="dot", help="JAX model.conv_impl")
   parser.add_argument("--xla_cpu_tuning", type=int, default=1)
+  parser.add_argument("--sequential_passes", default="0",
+                      help="JAX optim.sequential_passes: 0, 1, or 0,1 for a row of each")
   args = parser.parse_args()
   if not args.worker:  # Both workers inherit the allocator, as main.py's would.
     allocator.reexec_with_tcmalloc()
@@ -160,8 +163,9 @@ def main():
 
   load_before = os.getloadavg()
   torch_w = Worker("torch", args)
-  jax_ws = {d: Worker("jax", args, (f"--dtype={d}", f"--conv_impl={args.conv_impl}"))
-            for d in args.dtypes.split(",")}
+  jax_ws = {(d, seq): Worker("jax", args, (f"--dtype={d}", f"--conv_impl={args.conv_impl}",
+                                            f"--sequential_passes={seq}"))
+            for d in args.dtypes.split(",") for seq in args.sequential_passes.split(",")}
   workers = [torch_w, *jax_ws.values()]
   for _ in range(args.warmup):
     for w in workers:
@@ -185,8 +189,9 @@ def main():
   print("| run | median s | min-max s | JAX / torch | peak RSS GiB, whole process | "
         "peak RSS GiB, during the steps |\n|---|---|---|---|---|---|")
   print(f"| torch float32 | {med(torch_w):.2f} | {spread(torch_w)} | 1.00 | {gib(torch_w)} |")
-  for dtype, w in jax_ws.items():
-    print(f"| JAX {dtype} | {med(w):.2f} | {spread(w)} | {med(w) / med(torch_w):.2f} | "
+  for (dtype, seq), w in jax_ws.items():
+    name = f"JAX {dtype}" + (", sequential passes" if seq == "1" else "")
+    print(f"| {name} | {med(w):.2f} | {spread(w)} | {med(w) / med(torch_w):.2f} | "
           f"{gib(w)} |")
 
 
