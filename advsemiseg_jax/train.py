@@ -7,7 +7,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from advsemiseg_jax import checkpoint, evaluate, faults, metrics, parallel
+from advsemiseg_jax import allocator, checkpoint, evaluate, faults, metrics, parallel
 from advsemiseg_jax.build import build_training, init_variables  # noqa: F401 (API)
 from advsemiseg_jax.data import sources, splits, streams
 from advsemiseg_jax.step import uses_discriminator, uses_unlabeled
@@ -135,6 +135,9 @@ def _train_and_evaluate(config, workdir: str, preemption):
     # From the first step on (compiled, dispatched), SIGTERM saves a checkpoint;
     # before it, there is nothing new to save and SIGTERM exits at once.
     preemption.armed = True
+    if step == start_step:  # Compiled: give back what compiling used and freed.
+      logging.info("after compiling the step, free memory released (%s)",
+                   allocator.release_free_memory())
     pending.append(step_metrics)
     guard.add(step, step_metrics)
     done = step + 1

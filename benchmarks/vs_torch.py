@@ -49,6 +49,7 @@ def torch_worker(args):
              semi_start_adv=0, num_classes=NUM_CLASSES)
   batch = make_batch(args.batch, args.size)
   step = 0
+  allocator.release_free_memory()   # As the JAX worker (and main.py) do.
   before = peak_rss_bytes()
   reset_peak_rss()
   for line in sys.stdin:
@@ -76,6 +77,7 @@ def jax_worker(args):
   state = jax.device_put(state, parallel.replicated(mesh))
   batch = parallel.to_global(make_batch(args.batch, args.size), mesh)
   step = parallel.jit_train_step(step_fn, mesh).lower(state, batch).compile()
+  allocator.release_free_memory()   # What compiling freed (main.py does the same).
   before = peak_rss_bytes()
   reset_peak_rss()   # From here: the steps, without the compilation.
   for line in sys.stdin:

@@ -66,3 +66,42 @@ def test_reexec_keeps_pid_and_arguments_and_runs_once(tmp_path, choice):
   assert len(starts) == 2 and starts[0]["pid"] == starts[1]["pid"]
   assert starts[0]["preload"] == "" and starts[1]["preload"].startswith("libm.so.6")
   assert len(lines) == 3   # the first run never got past the exec
+
+
+_HOLD_AND_RELEASE = """
+import json, sys
+sys.path.insert(0, {root!r})
+import numpy as np
+from advsemiseg_jax import allocator
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
+before = rss()
+blocks = [np.ones(2**20, np.uint8) for _ in range(256)]   # 256 MiB in 1 MiB blocks
+del blocks
+held = rss()
+how = allocator.release_free_memory()
+print(json.dumps({{"before": before, "held": held, "after": rss(), "how": how}}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and LD_PRELOAD")
+@pytest.mark.parametrize("library", ["tcmalloc", "system"])
+def test_release_free_memory_hands_back_what_the_allocator_holds(tmp_path, library):
+  """256 MiB allocated in 1 MiB blocks and freed: tcmalloc keeps it until
+  release_free_memory(); glibc gets malloc_trim (and has given the blocks
+  back already). Either way the resident set ends near where it began."""
+  preload = allocator.find_tcmalloc() if library == "tcmalloc" else ""
+  if library == "tcmalloc" and not preload:
+    pytest.skip("no tcmalloc installed (apt install libtcmalloc-minimal4)")
+  script = tmp_path / "hold.py"
+  script.write_text(_HOLD_AND_RELEASE.format(root=ROOT))
+  env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+  env["LD_PRELOAD"] = preload
+  out = json.loads(subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                                  text=True, timeout=60, check=True).stdout)
+  mib = 2**20
+  if library == "tcmalloc":
+    assert out["how"] == "MallocExtension_ReleaseFreeMemory"
+    assert out["held"] - out["before"] > 200 * mib, out      # tcmalloc kept the blocks
+  else:
+    assert out["how"] == "malloc_trim"
+  assert out["after"] - out["before"] < 64 * mib, out
