@@ -26,7 +26,9 @@ def base_config() -> ml_collections.ConfigDict:
   # auto: dot on CPU, xla elsewhere | xla (lax.conv; GPU/TPU) | dot (convs written
   # for XLA:CPU: 1x1 convs and ASPP as GEMMs, 3x3 kernel gradients as GEMMs).
   c.model.conv_impl = "auto"
-  c.model.remat_stages = ()       # backbone stages 1..4 recomputed in the backward pass (less memory), e.g. (3,)
+  # Backbone stages 1..4 recomputed in the backward pass, e.g. (3,): less
+  # memory on GPU/TPU; none on XLA:CPU (docs/performance.md, CPU memory).
+  c.model.remat_stages = ()
   c.model.discriminator = "fc"    # fc (the paper) | image ("no FCD" ablation)
   c.model.disc_width = 64
 

@@ -151,9 +151,10 @@ def test_sequential_passes_same_step_in_less_memory(quick_config):
     quick_config.optim.sequential_passes = sequential
     mesh, state, step = _setup(quick_config)
     global_batch = parallel.to_global(batch, mesh)
-    temp = step.lower(state, global_batch).compile().memory_analysis().temp_size_in_bytes
+    compiled = step.lower(state, global_batch).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
     for _ in range(3):
-      state, metrics = step(state, global_batch)
+      state, metrics = compiled(state, global_batch)
     runs[sequential] = jax.device_get((state.g_params, state.g_batch_stats, metrics)), temp
   (fused, fused_temp), (seq, seq_temp) = runs[False], runs[True]
   for a, b in zip(jax.tree.leaves(fused[:2]), jax.tree.leaves(seq[:2])):
