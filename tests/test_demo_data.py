@@ -1,5 +1,4 @@
 """Demo scenes, label splits and the deterministic tf.data streams."""
-import ml_collections
 import numpy as np
 import pytest
 

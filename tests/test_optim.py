@@ -1,7 +1,6 @@
 """Optimiser rules: coverage, 10x head, frozen BN, weight decay, schedules."""
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest

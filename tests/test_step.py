@@ -5,9 +5,7 @@ import sys
 import textwrap
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from advsemiseg_jax import parallel
 from advsemiseg_jax.data import demo
