@@ -2,9 +2,9 @@
 # The GPU measurements of docs/performance.md, in one go (one machine start):
 #   bash benchmarks/gpu_check.sh                  # VOC config: ResNet-101, 321x321, batch 10, semi on
 #   CONFIG=configs/voc.py:quick SIZE=65 BATCH=2 STEPS=2 bash benchmarks/gpu_check.sh   # CPU smoke run
-# Runs benchmarks/train_step.py in bfloat16, in float32 and in bfloat16 with
-# rematerialised layer3, each in its own process (so each peak memory is its
-# own), and prints their tables. Synthetic batches: no TensorFlow needed.
+# Runs benchmarks/train_step.py in bfloat16, in float32, in bfloat16 with
+# rematerialised layer3 and in bfloat16 with optim.sequential_passes, each in
+# its own process (so each peak memory is its own), and prints their tables. Synthetic batches: no TensorFlow needed.
 # Each run is cut off after RUN_TIMEOUT seconds so that one slow compile
 # cannot take the others' time.
 set -u
@@ -36,3 +36,4 @@ run() {
 run --set=model.compute_dtype=bfloat16 --measure_peak
 run --set=model.compute_dtype=float32 --measure_peak
 run --set=model.compute_dtype=bfloat16 --set=model.remat_stages=3
+run --set=model.compute_dtype=bfloat16 --set=optim.sequential_passes=true
