@@ -169,6 +169,17 @@ class DotConv(_ConvAsGemm):
     return lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
 
 
+def tap_offsets(dilation: int, h: int, w: int):
+  """``((ky, kx), (oy, ox), inside)`` for the nine taps of a 3x3 kernel with
+  this dilation, in kernel order: output pixel ``p`` reads input ``p + (oy,
+  ox)``, ``(oy, ox) = ((ky - 1) d, (kx - 1) d)``. A tap whose offset is at
+  least the (h, w) map's size only ever reads zero padding (not ``inside``)."""
+  d = dilation
+  return [((ky, kx), ((ky - 1) * d, (kx - 1) * d),
+           abs(ky - 1) * d < h and abs(kx - 1) * d < w)
+          for ky in range(3) for kx in range(3)]
+
+
 def _dilated_conv3x3(x, kernel, dilation: int):
   d = dilation
   return lax.conv_general_dilated(x, kernel, (1, 1), ((d, d), (d, d)),
@@ -204,15 +215,14 @@ def _dilated_conv3x3_bwd(dilation, residuals, dy):
   padded = jnp.pad(dy, ((0, 0), (d, d), (d, d), (0, 0)))
   x_flat = x.reshape(n * h * w, cin)
   taps = []
-  for ky in range(3):
-    for kx in range(3):
-      if abs(ky - 1) * d >= h or abs(kx - 1) * d >= w:  # reads padding only
-        taps.append(jnp.zeros((cout, cin), jnp.float32))
-        continue
-      shifted = padded[:, (2 - ky) * d:(2 - ky) * d + h, (2 - kx) * d:(2 - kx) * d + w, :]
-      taps.append(lax.dot_general(shifted.reshape(n * h * w, cout), x_flat,
-                                  (((0,), (0,)), ((), ())),
-                                  preferred_element_type=jnp.float32))
+  for _, (oy, ox), inside in tap_offsets(d, h, w):
+    if not inside:
+      taps.append(jnp.zeros((cout, cin), jnp.float32))
+      continue
+    shifted = padded[:, d - oy:d - oy + h, d - ox:d - ox + w, :]
+    taps.append(lax.dot_general(shifted.reshape(n * h * w, cout), x_flat,
+                                (((0,), (0,)), ((), ())),
+                                preferred_element_type=jnp.float32))
   dkernel = jnp.stack(taps).reshape(3, 3, cout, cin).swapaxes(2, 3)
   return dx, dkernel.astype(kernel.dtype)
 
@@ -269,11 +279,9 @@ def summed_dilated_convs(x, kernels, biases, dilations, dtype=jnp.float32):
   n, h, w, cin = x.shape
   taps = {}
   for kernel, d in zip(kernels, dilations):
-    for ky in range(3):
-      for kx in range(3):
-        off = ((ky - 1) * d, (kx - 1) * d)
-        if abs(off[0]) < h and abs(off[1]) < w:
-          taps[off] = taps[off] + kernel[ky, kx] if off in taps else kernel[ky, kx]
+    for tap, off, inside in tap_offsets(d, h, w):
+      if inside:
+        taps[off] = taps[off] + kernel[tap] if off in taps else kernel[tap]
   offsets = list(taps)
   cout = kernels[0].shape[-1]
   mat = jnp.concatenate([taps[o] for o in offsets], axis=1).astype(dtype)
