@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from advsemiseg_jax import losses
+from advsemiseg_jax import losses, ordering
 from advsemiseg_jax.faults import (NONFINITE_D_GRAD, NONFINITE_G_GRAD, NONFINITE_LOSS,
                                    NONFINITE_POLICIES)
 from advsemiseg_jax.models import confidence_logits, upsample_logits
@@ -51,19 +51,6 @@ def guard_nonfinite(state, new_state, metrics, g_grads, d_grads, policy: str):
   elif policy != "stop":
     raise ValueError(f"nonfinite_policy must be one of {NONFINITE_POLICIES}, got {policy!r}")
   return new_state, metrics
-
-
-def computed_after(x, tree):
-  """``x``, made to depend on every leaf of ``tree``, so that XLA computes the
-  whole of ``tree`` before anything that uses the result.
-
-  A data dependency, ``x + sum(0 * one element of each leaf)``, because
-  XLA:CPU removes optimization barriers before it schedules. ``nan_to_num``
-  keeps a non-finite leaf from reaching ``x``.
-  """
-  zero = sum(jnp.nan_to_num(leaf.reshape(-1)[0]).astype(jnp.float32) * 0
-             for leaf in jax.tree.leaves(tree))
-  return x + zero.astype(x.dtype)
 
 
 def uses_unlabeled(loss_config) -> bool:
@@ -151,7 +138,7 @@ def make_train_step(loss_config, generator, discriminator, g_tx, d_tx,
       # backward() calls: the passes' activations are never alive together.
       (loss_u, (stats, out_u)), grads_u = grad_fn(
           lambda p: unlabeled_loss(p, batch_stats))(state.g_params)
-      images = computed_after(batch["image"], grads_u)
+      images = ordering.computed_after(batch["image"], grads_u)
       (loss_l, (new_stats, out)), grads_l = grad_fn(
           lambda p: labeled_loss(p, stats, images))(state.g_params)
       loss_g, out = loss_u + loss_l, {**out_u, **out}

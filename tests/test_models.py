@@ -130,6 +130,54 @@ def test_batch_norm_matches_torch_update():
                              atol=1e-4)
 
 
+@pytest.mark.parametrize("residual,relu", [(False, False), (False, True), (True, True)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_batch_norm_act_values_and_gradients_equal_autodiff(residual, relu, dtype):
+  """``batch_norm_act``'s written-out backward pass against JAX's derivative
+  of the same formula in float32 (for bf16 inputs too), with cotangents on
+  all three outputs and, in float32, a constant channel (raw variance ~0,
+  clamped; in bf16 its normalised values are rounding noise)."""
+  kx, kr, ks, kb, kg = jax.random.split(jax.random.key(0), 5)
+  x = jax.random.normal(kx, (2, 5, 7, 6)) * 3 + 1
+  if dtype == jnp.float32:
+    x = x.at[..., 2].set(0.3)
+  x = x.astype(dtype)
+  res = (jax.random.normal(kr, x.shape) if residual else jnp.zeros(x.shape)).astype(dtype)
+  scale = jax.random.normal(ks, (6,)) + 1
+  bias = jax.random.normal(kb, (6,))
+
+  def reference(x, scale, bias, res):
+    xf = x.astype(jnp.float32)
+    mean = xf.mean((0, 1, 2))
+    var = jnp.maximum((xf * xf).mean((0, 1, 2)) - mean * mean, 0.0)
+    mul = scale * jax.lax.rsqrt(var + 1e-5)
+    y = xf * mul + (bias - mean * mul) + res.astype(jnp.float32)
+    return (jax.nn.relu(y) if relu else y).astype(dtype), mean, var
+
+  def fused(x, scale, bias, res):
+    return layers.batch_norm_act(x, scale, bias, res if residual else None, relu, 1e-5)
+
+  got, got_vjp = jax.vjp(fused, x, scale, bias, res)
+  want, want_vjp = jax.vjp(reference, x, scale, bias, res)
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol, atol=tol)
+  gy = jax.random.normal(kg, x.shape).astype(dtype)
+  zeros = jnp.zeros((6,))
+  for cotangents in [(gy, zeros, zeros),   # the loss's path, then the statistics'
+                     (jnp.zeros_like(gy), jnp.linspace(-1.0, 1.0, 6), jnp.linspace(0.5, -0.5, 6))]:
+    grads, want_grads = got_vjp(cotangents), want_vjp(cotangents)
+    for name, a, b in zip(["x", "scale", "bias", "residual"], grads, want_grads):
+      if name == "residual" and not residual:
+        continue
+      assert a.dtype == b.dtype, name
+      # The constant channel's scale gradient is rounding noise (x - mean ~ 1e-8
+      # times invstd ~ 316) in both: compare it at the array's largest value.
+      largest = float(jnp.abs(b.astype(jnp.float32)).max())
+      np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol,
+                                 atol=max(tol, 1e-4) * largest, err_msg=name)
+
+
 def test_two_branch_aspp_uses_only_dilations_6_and_12():
   x = jax.random.normal(jax.random.key(0), (1, 65, 65, 3))
   model2, model4 = _tiny(aspp_branches=2), _tiny()

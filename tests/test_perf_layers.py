@@ -131,3 +131,39 @@ def test_conv_impl_auto_is_dot_on_cpu_and_xla_elsewhere():
   config.model.conv_impl = "winograd"
   with pytest.raises(ConfigError, match="conv_impl"):
     validate_config(config)
+
+
+def _bottleneck_stack_temp_bytes(blocks, batch=2, size=17, planes=16):
+  """XLA's planned temporaries for the gradient of a stack of ``blocks``
+  training-mode bottlenecks (1x1 convs as GEMMs, the ``dot`` implementation)."""
+  from advsemiseg_jax.models.deeplab import Bottleneck
+
+  class Stack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      norm = layers.batch_norm("batch_stats", train=True)
+      for j in range(blocks):
+        x = Bottleneck(planes, layers.conv_module("dot"), norm, dilation=2, name=f"b{j}")(x)
+      return x
+
+  x = jnp.ones((batch, size, size, 4 * planes))
+  variables = Stack().init(jax.random.PRNGKey(0), x)
+
+  def loss(params, x):
+    y, _ = Stack().apply({**variables, "params": params}, x, mutable=["batch_stats"])
+    return jnp.sum(y * y)
+
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(variables["params"], x).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_bottleneck_keeps_what_torch_keeps_for_the_backward_pass():
+  """Per block, the backward pass needs the four 1x1/3x3 conv outputs' worth
+  that torch keeps: conv1, relu1, conv2, relu2 (planes channels each), conv3
+  and the block output (4 * planes each), 12 * planes channels per pixel.
+  JAX's own derivative of BatchNorm + ReLU kept about twice that (see
+  ``batch_norm_act``); XLA's plan must stay within 25% of it."""
+  batch, size, planes = 2, 17, 16
+  per_block = (_bottleneck_stack_temp_bytes(4) - _bottleneck_stack_temp_bytes(2)) / 2
+  torch_keeps = 12 * planes * batch * size * size * 4
+  assert per_block <= 1.25 * torch_keeps, per_block / torch_keeps

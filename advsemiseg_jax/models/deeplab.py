@@ -40,17 +40,16 @@ class Bottleneck(nn.Module):
   def __call__(self, x):
     d = self.dilation
     out = self.conv(self.planes, (1, 1), strides=self.stride, name="conv1")(x)
-    out = nn.relu(self.norm(name="bn1")(out))
+    out = self.norm(name="bn1")(out, relu=True)
     out = self.conv(self.planes, (3, 3), padding=((d, d), (d, d)),
                     kernel_dilation=d, name="conv2")(out)
-    out = nn.relu(self.norm(name="bn2")(out))
+    out = self.norm(name="bn2")(out, relu=True)
     out = self.conv(self.planes * 4, (1, 1), name="conv3")(out)
-    out = self.norm(name="bn3")(out)
     if self.project:
       x = self.conv(self.planes * 4, (1, 1), strides=self.stride,
                     name="downsample_conv")(x)
       x = self.norm(name="downsample_bn")(x)
-    return nn.relu(out + x)
+    return self.norm(name="bn3")(out, residual=x, relu=True)
 
 
 class ASPP(nn.Module):
@@ -123,7 +122,7 @@ class DeepLabV2(nn.Module):
     norm = layers.batch_norm(self.bn_mode, train, self.dtype)
     x = conv(self.width, (7, 7), strides=2, padding=((3, 3), (3, 3)),
              name="conv1")(x.astype(self.dtype))
-    x = nn.relu(norm(name="bn1")(x))
+    x = norm(name="bn1")(x, relu=True)
     x = layers.max_pool_ceil(x, 3, 2, 1)
     # (stride, dilation) of layer1..layer4: output stride 8.
     plan = ((1, 1), (2, 1), (1, 2), (1, 4))

@@ -5,7 +5,9 @@
   differentiable without scatter ops).
 * ``max_pool_ceil``: torch's ``MaxPool2d(..., ceil_mode=True)``.
 * ``BatchNorm``/``batch_norm``: torch-equivalent BatchNorm and the factory for
-  the two BN modes of the paper's code.
+  the two BN modes of the paper's code; ``batch_norm_act``, training-mode
+  BatchNorm + residual + ReLU with a backward pass that keeps what torch's
+  keeps.
 * ``conv_module``/``summed_dilated_convs``: the convolution implementation
   switch (``model.conv_impl``). ``xla`` is ``lax.conv`` everywhere (fast on
   GPU/TPU). ``dot`` writes 1x1 convolutions as ``dot_general`` over channels,
@@ -23,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from advsemiseg_jax import ordering
 
 # torch's BatchNorm momentum 0.1 updates ``running = 0.9 * running + 0.1 * batch``,
 # which is Flax's momentum 0.9 (Flax's default 0.99 would be wrong here).
@@ -82,6 +86,81 @@ def max_pool_ceil(x: jnp.ndarray, window: int = 3, stride: int = 2, pad: int = 1
                      padding=(ph, pw))
 
 
+def _batch_stats(x):
+  """Per-channel mean and biased variance of NHWC ``x`` in float32, as
+  ``E[x^2] - E[x]^2`` clamped at 0, and where that raw variance is > 0."""
+  xf = x.astype(jnp.float32)
+  mean = jnp.mean(xf, axis=(0, 1, 2))
+  raw_var = jnp.mean(jnp.square(xf), axis=(0, 1, 2)) - jnp.square(mean)
+  return mean, jnp.maximum(raw_var, 0.0), raw_var > 0
+
+
+def _normalize_act(x, mean, var, scale, bias, residual, relu, epsilon):
+  """``relu(scale * (x - mean) / sqrt(var + eps) + bias + residual)`` (the
+  residual and the ReLU optional) in ``x``'s dtype, statistics in float32."""
+  mul = scale * lax.rsqrt(var + epsilon)
+  y = x * mul.astype(x.dtype) + (bias - mean * mul).astype(x.dtype)
+  if residual is not None:
+    y = y + residual.astype(y.dtype)
+  return jnp.maximum(y, 0) if relu else y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def batch_norm_act(x, scale, bias, residual, relu: bool, epsilon: float):
+  """Training-mode BatchNorm of NHWC ``x`` with its batch statistics, then
+  ``+ residual`` (or ``None``) and a ReLU if ``relu``, as one differentiable
+  op. Returns ``(y, mean, var)``: the batch mean and biased variance, for the
+  running averages.
+
+  The backward pass is written out so that it keeps only ``x`` and, with the
+  ReLU, the output ``y`` (which the next convolution keeps anyway), as
+  torch's BatchNorm and in-place ReLU do. JAX's own derivative of the same
+  formula, as XLA:CPU plans it, keeps four full-size tensors per BatchNorm
+  (``x``, a broadcast of ``scale * invstd``, the pre-ReLU sum and ``y``):
+  twice the activation memory of a bottleneck. Same values up to rounding;
+  gradients that reach ``mean`` or ``var`` are included.
+  """
+  mean, var, _ = _batch_stats(x)
+  return _normalize_act(x, mean, var, scale, bias, residual, relu, epsilon), mean, var
+
+
+def _batch_norm_act_fwd(x, scale, bias, residual, relu, epsilon):
+  mean, var, var_used = _batch_stats(x)
+  y = _normalize_act(x, mean, var, scale, bias, residual, relu, epsilon)
+  residual_like = None if residual is None else jnp.zeros((), residual.dtype)
+  return (y, mean, var), (x, y if relu else None, scale, mean, var, var_used, residual_like)
+
+
+def _batch_norm_act_bwd(relu, epsilon, saved, cotangents):
+  gy, gmean, gvar = cotangents
+  x, y, scale, mean, var, var_used, residual_like = saved
+  # Read the saved values through a dependency on gy. Otherwise XLA shares
+  # the forward's full-size broadcast of scale * invstd and its pre-ReLU sum
+  # (it rewrites ``y > 0`` as ``sum > 0``) with this backward pass, and keeps
+  # both alive from the forward pass to here.
+  tie = lambda t: ordering.computed_after(t, gy)
+  x, scale, mean, var = map(tie, (x, scale, mean, var))
+  gs = gy.astype(jnp.float32)
+  if relu:
+    gs = jnp.where(tie(y) > 0, gs, 0.0)
+  n = x.size // x.shape[-1]
+  invstd = lax.rsqrt(var + epsilon)
+  centred = x.astype(jnp.float32) - mean
+  xhat = centred * invstd
+  gbias = jnp.sum(gs, axis=(0, 1, 2))
+  gscale = jnp.sum(gs * xhat, axis=(0, 1, 2))
+  # d/dx of scale * (x - mean) * rsqrt(var + eps) + bias, mean and var being
+  # the batch statistics; the variance terms drop where the clamp was active.
+  var_term = jnp.where(var_used, gscale / n, 0.0)
+  dx = (scale * invstd) * (gs - gbias / n - xhat * var_term)
+  dx = dx + gmean / n + jnp.where(var_used, gvar, 0.0) * (2.0 / n) * centred
+  gres = None if residual_like is None else gs.astype(residual_like.dtype)
+  return dx.astype(x.dtype), gscale, gbias, gres
+
+
+batch_norm_act.defvjp(_batch_norm_act_fwd, _batch_norm_act_bwd)
+
+
 class BatchNorm(nn.Module):
   """torch-equivalent BatchNorm over NHWC (statistics over N, H, W).
 
@@ -89,6 +168,10 @@ class BatchNorm(nn.Module):
   like torch, updates the running variance with the UNBIASED batch variance:
   ``running = momentum * running + (1 - momentum) * batch``. Variables are
   named like Flax's: params ``scale``/``bias``, batch_stats ``mean``/``var``.
+
+  ``__call__(x, residual=None, relu=False)`` also adds ``residual`` and
+  applies a ReLU after the normalisation; with batch statistics all three
+  are one ``batch_norm_act``, whose backward pass keeps what torch's keeps.
   """
   use_running_average: bool = False
   momentum: float = BN_MOMENTUM
@@ -96,25 +179,23 @@ class BatchNorm(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, residual=None, relu: bool = False):
     c = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
     ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
     ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
     if self.use_running_average:
-      mean, var = ra_mean.value, ra_var.value
-    else:
-      xf = x.astype(jnp.float32)
-      mean = jnp.mean(xf, axis=(0, 1, 2))
-      var = jnp.maximum(jnp.mean(jnp.square(xf), axis=(0, 1, 2)) - jnp.square(mean), 0.0)
-      if not self.is_initializing():
-        n = x.size // c
-        m = self.momentum
-        ra_mean.value = m * ra_mean.value + (1 - m) * mean
-        ra_var.value = m * ra_var.value + (1 - m) * var * (n / max(n - 1, 1))
-    mul = scale * lax.rsqrt(var + self.epsilon)
-    return (x * mul.astype(x.dtype) + (bias - mean * mul).astype(x.dtype))
+      return _normalize_act(x, ra_mean.value, ra_var.value, scale, bias, residual,
+                            relu, self.epsilon)
+    y, mean, var = batch_norm_act(x, scale, bias, residual, relu, self.epsilon)
+    if not self.is_initializing():
+      n = x.size // c
+      m = self.momentum
+      mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
+      ra_mean.value = m * ra_mean.value + (1 - m) * mean
+      ra_var.value = m * ra_var.value + (1 - m) * var * (n / max(n - 1, 1))
+    return y
 
 
 def batch_norm(bn_mode: str, train: bool, dtype=jnp.float32):
