@@ -127,12 +127,12 @@ class DeepLabV2(nn.Module):
     # (stride, dilation) of layer1..layer4: output stride 8.
     plan = ((1, 1), (2, 1), (1, 2), (1, 4))
     for i, (blocks, (stride, dilation)) in enumerate(zip(self.stage_sizes, plan)):
-      # Stages in remat_stages keep only block inputs for the backward pass.
-      block = nn.remat(Bottleneck) if i + 1 in self.remat_stages else Bottleneck
       for j in range(blocks):
-        x = block(self.width * 2**i, conv, norm,
-                       stride=stride if j == 0 else 1, dilation=dilation,
-                       project=(j == 0), name=f"layer{i + 1}_{j}")(x)
+        block = Bottleneck(self.width * 2**i, conv, norm,
+                           stride=stride if j == 0 else 1, dilation=dilation,
+                           project=(j == 0), name=f"layer{i + 1}_{j}")
+        # Stages in remat_stages keep only block inputs for the backward pass.
+        x = layers.remat_call(block, x) if i + 1 in self.remat_stages else block(x)
     x = ASPP(self.num_classes, num_branches=self.aspp_branches,
              dtype=self.dtype, conv_impl=self.conv_impl, name="layer5")(x)
     return x.astype(jnp.float32)

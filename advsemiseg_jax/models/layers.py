@@ -8,6 +8,7 @@
   the two BN modes of the paper's code; ``batch_norm_act``, training-mode
   BatchNorm + residual + ReLU with a backward pass that keeps what torch's
   keeps.
+* ``remat_call``: rematerialisation that XLA:CPU cannot undo.
 * ``conv_module``/``summed_dilated_convs``: the convolution implementation
   switch (``model.conv_impl``). ``xla`` is ``lax.conv`` everywhere (fast on
   GPU/TPU). ``dot`` writes 1x1 convolutions as ``dot_general`` over channels,
@@ -196,6 +197,44 @@ class BatchNorm(nn.Module):
       ra_mean.value = m * ra_mean.value + (1 - m) * mean
       ra_var.value = m * ra_var.value + (1 - m) * var * (n / max(n - 1, 1))
     return y
+
+
+def remat_call(module: nn.Module, x):
+  """``module(x)``, keeping only ``x`` and the module's variables for the
+  backward pass, which recomputes ``module(x)`` once the gradient of its
+  output exists (``model.remat_stages`` applies it to each block).
+
+  Unlike ``nn.remat``, the recomputation is tied to that gradient by a data
+  dependency: XLA:CPU removes ``jax.checkpoint``'s optimization barriers and
+  schedules its recomputation inside the forward pass, where it saves
+  nothing. Mutable collections (BatchNorm statistics) update in the forward
+  pass only; the recomputation reads the values the forward pass read.
+  """
+  unbound = module.clone(parent=None)
+
+  def call(mdl, x):
+    return mdl(x)
+
+  def forward(mdl, x):
+    variables = dict(mdl.variables)   # as they were before this call
+    return mdl(x), (variables, x)
+
+  def backward(saved, gy):
+    variables, x = saved
+    x = ordering.computed_after(x, gy)
+
+    def recompute(params, x):
+      return unbound.apply({**variables, "params": params}, x, mutable=True)[0]
+
+    _, vjp = jax.vjp(recompute, variables["params"], x)
+    grad_params, grad_x = vjp(gy)
+    grads = jax.tree.map(jnp.zeros_like, variables)
+    return {**grads, "params": grad_params}, grad_x
+
+  # Every collection enters as an argument (grad_vars=True): closed over, the
+  # statistics that an earlier pass updated leak out of the trace.
+  return nn.custom_vjp(call, forward_fn=forward, backward_fn=backward,
+                       grad_vars=True)(module, x)
 
 
 def batch_norm(bn_mode: str, train: bool, dtype=jnp.float32):
