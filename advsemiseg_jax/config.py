@@ -27,7 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
   # for XLA:CPU: 1x1 convs and ASPP as GEMMs, 3x3 kernel gradients as GEMMs).
   c.model.conv_impl = "auto"
   # Backbone stages 1..4 recomputed in the backward pass, e.g. (3,): less
-  # memory on GPU/TPU; none on XLA:CPU (docs/performance.md, CPU memory).
+  # memory for more time (docs/performance.md, CPU memory and Options).
   c.model.remat_stages = ()
   c.model.discriminator = "fc"    # fc (the paper) | image ("no FCD" ablation)
   c.model.disc_width = 64
@@ -102,7 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
   # S's unlabeled gradient is computed before the labeled pass starts (as the
   # authors' two backward() calls): the two passes' activations are never
   # alive together. Less memory (CPU, 321x321, batch 2: XLA's temporaries
-  # 6.2 -> 3.7 GiB), less overlap (on 2 cores: -1% to +13% step time).
+  # 3.51 -> 2.32 GiB), less overlap (on 2 cores: -1% to +13% step time).
   c.optim.sequential_passes = False
 
   c.eval_every = 1000             # steps between evaluations (0 = only at the end)

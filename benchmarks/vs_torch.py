@@ -2,6 +2,7 @@
 
   python benchmarks/vs_torch.py                         # ResNet-101, 161x161, batch 2
   python benchmarks/vs_torch.py --size=321 --rounds=5
+  python benchmarks/vs_torch.py --size=321 --dtypes=float32 --sequential_passes=0,1 --remat_stages=0,1234
   python benchmarks/vs_torch.py --backbone=tiny --width=8 --size=65 --rounds=3   # smoke run
 
 torch runs tests/torch_reference.py's re-implementation of the authors'
@@ -71,6 +72,7 @@ def jax_worker(args):
   config.model.backbone, config.model.width = args.backbone, args.width
   config.model.compute_dtype, config.model.conv_impl = args.dtype, args.conv_impl
   config.optim.sequential_passes = args.sequential_passes == "1"
+  config.model.remat_stages = remat_stages(args.remat_stages)
   config.loss.semi_start = 0
   mesh = parallel.make_mesh(jax.devices()[:1])
   state, step_fn = ts.build_state(config, NUM_CLASSES)
@@ -139,6 +141,12 @@ class Worker:
     self.proc.wait()
 
 
+def remat_stages(digits: str):
+  """``--remat_stages`` names stages by their digits: ``34`` is (3, 4), ``0``
+  none."""
+  return tuple(int(c) for c in digits if c != "0")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--worker", default="")
@@ -155,6 +163,9 @@ def main():
   parser.add_argument("--xla_cpu_tuning", type=int, default=1)
   parser.add_argument("--sequential_passes", default="0",
                       help="JAX optim.sequential_passes: 0, 1, or 0,1 for a row of each")
+  parser.add_argument("--remat_stages", default="0",
+                      help="JAX model.remat_stages as digits (0: none, 3: (3,), 1234: all), "
+                           "comma-separated for a row of each")
   args = parser.parse_args()
   if not args.worker:  # Both workers inherit the allocator, as main.py's would.
     allocator.reexec_with_tcmalloc()
@@ -165,9 +176,10 @@ def main():
 
   load_before = os.getloadavg()
   torch_w = Worker("torch", args)
-  jax_ws = {(d, seq): Worker("jax", args, (f"--dtype={d}", f"--conv_impl={args.conv_impl}",
-                                            f"--sequential_passes={seq}"))
-            for d in args.dtypes.split(",") for seq in args.sequential_passes.split(",")}
+  jax_ws = {(d, seq, rs): Worker("jax", args, (f"--dtype={d}", f"--conv_impl={args.conv_impl}",
+                                                f"--sequential_passes={seq}", f"--remat_stages={rs}"))
+            for d in args.dtypes.split(",") for seq in args.sequential_passes.split(",")
+            for rs in args.remat_stages.split(",")}
   workers = [torch_w, *jax_ws.values()]
   for _ in range(args.warmup):
     for w in workers:
@@ -191,8 +203,10 @@ def main():
   print("| run | median s | min-max s | JAX / torch | peak RSS GiB, whole process | "
         "peak RSS GiB, during the steps |\n|---|---|---|---|---|---|")
   print(f"| torch float32 | {med(torch_w):.2f} | {spread(torch_w)} | 1.00 | {gib(torch_w)} |")
-  for (dtype, seq), w in jax_ws.items():
+  for (dtype, seq, rs), w in jax_ws.items():
     name = f"JAX {dtype}" + (", sequential passes" if seq == "1" else "")
+    if remat_stages(rs):
+      name += f", remat stages {remat_stages(rs)}"
     print(f"| {name} | {med(w):.2f} | {spread(w)} | {med(w) / med(torch_w):.2f} | "
           f"{gib(w)} |")
 
