@@ -228,8 +228,8 @@ def remat_call(module: nn.Module, x):
 
     _, vjp = jax.vjp(recompute, variables["params"], x)
     grad_params, grad_x = vjp(gy)
-    grads = jax.tree.map(jnp.zeros_like, variables)
-    return {**grads, "params": grad_params}, grad_x
+    others = {k: jax.tree.map(jnp.zeros_like, v) for k, v in variables.items() if k != "params"}
+    return {**others, "params": grad_params}, grad_x
 
   # Every collection enters as an argument (grad_vars=True): closed over, the
   # statistics that an earlier pass updated leak out of the trace.
