@@ -121,8 +121,8 @@ def batch_norm_act(x, scale, bias, residual, relu: bool, epsilon: float):
   twice the activation memory of a bottleneck. Same values up to rounding;
   gradients that reach ``mean`` or ``var`` are included.
   """
-  mean, var, _ = _batch_stats(x)
-  return _normalize_act(x, mean, var, scale, bias, residual, relu, epsilon), mean, var
+  outputs, _ = _batch_norm_act_fwd(x, scale, bias, residual, relu, epsilon)
+  return outputs
 
 
 def _batch_norm_act_fwd(x, scale, bias, residual, relu, epsilon):
