@@ -23,9 +23,13 @@ def base_config() -> ml_collections.ConfigDict:
   # S's convolutions and matmuls: float32 | bfloat16 (parameters, BN statistics,
   # softmax, losses and D stay float32).
   c.model.compute_dtype = "float32"
-  # auto: dot on CPU, xla elsewhere | xla (lax.conv; GPU/TPU) | dot (convs written
-  # for XLA:CPU: 1x1 convs and ASPP as GEMMs, 3x3 kernel gradients as GEMMs).
+  # auto: dot on CPU and GPU, xla on TPU | xla (lax.conv everywhere) | dot (1x1
+  # convs and ASPP as GEMMs, 3x3 kernel gradients as GEMMs: faster on CPU and GPU).
   c.model.conv_impl = "auto"
+  # How training-mode BatchNorm is differentiated. auto: written on CPU,
+  # autodiff elsewhere | written (keeps what torch keeps: less memory on
+  # XLA:CPU) | autodiff (JAX's derivative: faster on GPU). Same values.
+  c.model.bn_backward = "auto"
   # Backbone stages 1..4 recomputed in the backward pass, e.g. (3,): less
   # memory for more time (docs/performance.md, CPU memory and Options).
   c.model.remat_stages = ()

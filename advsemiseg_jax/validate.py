@@ -6,7 +6,7 @@ import tempfile
 from advsemiseg_jax.data import files, sources
 from advsemiseg_jax.models import DISCRIMINATORS, DTYPES, STAGE_SIZES
 from advsemiseg_jax.models.discriminator import NUM_DOWNSAMPLINGS
-from advsemiseg_jax.models.layers import BN_MODES, CONV_IMPLS
+from advsemiseg_jax.models.layers import BN_BACKWARDS, BN_MODES, CONV_IMPLS
 from advsemiseg_jax.faults import NONFINITE_POLICIES
 
 MODES = ("train", "evaluate", "predict")
@@ -35,6 +35,8 @@ def validate_config(config, workdir: str = None):
          f"model.compute_dtype must be one of {sorted(DTYPES)}, got {m.compute_dtype!r}")
   _check(m.conv_impl in ("auto",) + CONV_IMPLS,
          f"model.conv_impl must be one of {('auto',) + CONV_IMPLS}, got {m.conv_impl!r}")
+  _check(m.bn_backward in ("auto",) + BN_BACKWARDS,
+         f"model.bn_backward must be one of {('auto',) + BN_BACKWARDS}, got {m.bn_backward!r}")
   _check(all(s in (1, 2, 3, 4) for s in m.remat_stages),
          f"model.remat_stages must name stages 1..4, got {tuple(m.remat_stages)}")
   _check(o.iter_size >= 1 and d.batch_size % o.iter_size == 0,

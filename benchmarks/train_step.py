@@ -4,6 +4,7 @@
   python benchmarks/train_step.py --config=configs/voc.py --batch=2 --size=161 \
       --set=model.compute_dtype=bfloat16 --set=model.conv_impl=dot
   python benchmarks/train_step.py --config=configs/voc.py --set=model.remat_stages=3
+  python benchmarks/train_step.py --config=configs/voc.py --profile=3   # + where the time goes
 
 Feeds one synthetic batch (no tf.data: the step alone is measured) and prints
 one table tagged with the device: compile time; the median, spread and
@@ -15,7 +16,9 @@ XLA's figure over the latter (the 5% cross-check); the
 achieved FLOP/s and its share of a peak (``--peak_tflops``, or a matmul
 measured in the compute dtype with ``--measure_peak``); XLA's memory
 estimate and the peak memory measured (GPU: the allocator's peak; CPU: the
-process's maximum resident set).
+process's maximum resident set). ``--profile=N`` then traces N more steps and
+prints benchmarks/op_profile.py's table: op time per kind of op, the busy
+share of the step, the longest ops.
 """
 import argparse
 import os
@@ -36,6 +39,7 @@ import numpy as np  # noqa: E402
 from advsemiseg_jax import build, models  # noqa: E402
 from advsemiseg_jax.config import load_config  # noqa: E402
 from advsemiseg_jax.step import uses_discriminator, uses_unlabeled  # noqa: E402
+from benchmarks import op_profile  # noqa: E402
 from benchmarks.machine import cpu_model, max_rss_bytes  # noqa: E402
 
 
@@ -145,6 +149,13 @@ def xla_flops(lowered) -> float:
   return float((cost or {}).get("flops", float("nan")))
 
 
+def xla_row(flops: float, ratio: float) -> str:
+  if np.isnan(flops):   # jaxlib 0.11.2 on a GPU gave no figure (2026-11-28).
+    return f"none: XLA's cost analysis gave no FLOPs on {jax.devices()[0].platform}"
+  return (f"{flops / 1e12:.3f} T (XLA / in-bounds = {ratio:.3f}, "
+          f"{'within' if abs(ratio - 1) <= 0.05 else 'NOT within'} 5%)")
+
+
 def generator_forward_flops(config, size) -> float:
   """Closed-form FLOPs of one image's generator forward (convolutions, all
   taps; the paper's DeepLab-v2 at 321x321 is about 147.7 GFLOP)."""
@@ -200,8 +211,9 @@ def describe_machine() -> str:
   return f"{device.device_kind} x{jax.device_count()}"
 
 
-def measure(config, batch_size: int, size, steps: int, warmup: int):
-  """Compiles and times the step; returns a dict of the measurements."""
+def measure(config, batch_size: int, size, steps: int, warmup: int, profile_steps: int = 0):
+  """Compiles and times the step; returns a dict of the measurements (with
+  ``profile_steps``: also op_profile's summary of that many more steps)."""
   mesh = parallel.make_mesh()
   state, step_fn = build_state(config, config.data.num_classes)
   state = jax.device_put(state, parallel.replicated(mesh))
@@ -229,7 +241,13 @@ def measure(config, batch_size: int, size, steps: int, warmup: int):
       times.append(time.perf_counter() - begin)
   loss = float(metrics["loss_g"])
   mem_what, mem_bytes = peak_memory_bytes()
-  return dict(compile_s=compile_s, times=np.array(times), analytic=analytic,
+  profile = None
+  if profile_steps:
+    try:
+      profile = op_profile.profile(compiled, (state, batch), profile_steps)
+    except Exception as error:  # noqa: BLE001  The timings above still stand.
+      profile = f"the profile failed: {type(error).__name__}: {error}"
+  return dict(profile=profile, compile_s=compile_s, times=np.array(times), analytic=analytic,
               in_bounds=in_bounds, g_forward=g_forward, xla_flops=xla_flops(lowered), xla_bytes=xla_bytes, mem_what=mem_what,
               mem_bytes=mem_bytes, loss=loss)
 
@@ -249,6 +267,8 @@ def main(argv=None):
                       help="peak to report the share of (0: none unless --measure_peak)")
   parser.add_argument("--measure_peak", action="store_true",
                       help="measure an n x n matmul in the compute dtype as the peak")
+  parser.add_argument("--profile", type=int, default=0,
+                      help="then trace this many more steps and print where their time goes")
   parser.add_argument("--xla_cpu_tuning", type=int, default=1,
                       help="1: add parallel.CPU_XLA_FLAGS (as main.py does)")
   args = parser.parse_args(argv)
@@ -261,7 +281,7 @@ def main(argv=None):
     config.loss.semi_start = 0
   batch = args.batch or config.data.batch_size
   size = (args.size, args.size) if args.size else tuple(config.data.crop_size)
-  r = measure(config, batch, size, args.steps, args.warmup)
+  r = measure(config, batch, size, args.steps, args.warmup, args.profile)
 
   t = r["times"]
   median = float(np.median(t))
@@ -280,6 +300,7 @@ def main(argv=None):
       ("step", f"batch {batch}, {size[0]}x{size[1]}, backbone {config.model.backbone}, "
                f"{config.model.compute_dtype}, "
                f"conv_impl {models.resolve_conv_impl(config.model.conv_impl)}, "
+               f"bn_backward {models.resolve_bn_backward(config.model.bn_backward)}, "
                f"remat {tuple(config.model.remat_stages)}, iter_size {config.optim.iter_size}, "
                f"sequential passes {'on' if config.optim.sequential_passes else 'off'}, "
                f"unlabeled branch {'on' if uses_unlabeled(config.loss) else 'off'}"),
@@ -292,8 +313,7 @@ def main(argv=None):
       ("FLOPs/step, analytic, all taps", f"{r['analytic'] / 1e12:.3f} T (jaxpr convs+matmuls)"),
       ("FLOPs/step, analytic, in-bounds taps", f"{r['in_bounds'] / 1e12:.3f} T "
                                                "(taps on padding not counted, as XLA does)"),
-      ("FLOPs/step, XLA cost analysis", f"{r['xla_flops'] / 1e12:.3f} T (XLA / in-bounds = "
-                                        f"{xla_ratio:.3f}, {'within' if abs(xla_ratio - 1) <= 0.05 else 'NOT within'} 5%)"),
+      ("FLOPs/step, XLA cost analysis", xla_row(r["xla_flops"], xla_ratio)),
       ("G forward per image, closed form", f"{g_fwd / 1e9:.1f} GFLOP (jaxpr count / "
                                            f"closed form = {r['g_forward'] / g_fwd:.3f})"),
       ("achieved", f"{r['analytic'] / median / 1e12:.2f} TFLOP/s"),
@@ -311,6 +331,10 @@ def main(argv=None):
   print(f"| {'measure'.ljust(width)} | value |\n|{'-' * (width + 2)}|---|")
   for key, value in rows:
     print(f"| {key.ljust(width)} | {value} |")
+  if r["profile"]:
+    print(f"\n## where the step's time goes ({describe_machine()})\n")
+    print(r["profile"] if isinstance(r["profile"], str)
+          else op_profile.format_table(r["profile"], median))
   return r
 
 

@@ -4,6 +4,7 @@
   python benchmarks/vs_torch.py --size=321 --rounds=5
   python benchmarks/vs_torch.py --size=321 --dtypes=float32 --sequential_passes=0,1 --remat_stages=0,1234
   python benchmarks/vs_torch.py --backbone=tiny --width=8 --size=65 --rounds=3   # smoke run
+  python benchmarks/vs_torch.py --size=321 --batch=10 --dtypes=float32,bfloat16 --conv_impl=auto  # one GPU
 
 torch runs tests/torch_reference.py's re-implementation of the authors'
 iteration (unlabeled batch with L_semi_adv + L_semi, labeled batch with L_ce
@@ -15,6 +16,13 @@ from other processes on the machine falls on both alike, and the ratio of the
 medians is more robust than either time. Each worker reports its own maximum
 resident set size. One table: machine, load average, both medians and
 spreads, the ratio JAX / torch, peak memory, per JAX precision asked for.
+
+On a GPU machine (``--device=auto`` finds it) torch runs on the GPU with
+cudnn.benchmark on, as the authors' train.py sets it, and copies each batch
+to the GPU inside the iteration, as their loop does; JAX runs on the GPU
+too (pass ``--conv_impl=auto``: ``dot`` is the CPU choice), without
+preallocating, so that both fit on the card. Memory is then each
+allocator's peak on the device, and a step is timed until the device is done.
 """
 import argparse
 import json
@@ -39,9 +47,13 @@ def torch_worker(args):
   import torch_reference as tr
   torch.set_num_threads(args.threads or os.cpu_count())
   torch.manual_seed(0)
+  device = torch_device(args.device)
+  if device == "cuda":
+    torch.backends.cudnn.benchmark = True   # The authors' train.py.
   blocks = {"resnet101": (3, 4, 23, 3), "resnet50": (3, 4, 6, 3), "tiny": (1, 1, 1, 1)}
-  model = tr.ResNetDeepLab(NUM_CLASSES, blocks[args.backbone], args.width, early_return=True)
-  model_d = tr.FCDiscriminator(NUM_CLASSES, 64)
+  model = tr.ResNetDeepLab(NUM_CLASSES, blocks[args.backbone], args.width,
+                           early_return=True).to(device)
+  model_d = tr.FCDiscriminator(NUM_CLASSES, 64).to(device)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     opt_g, opt_d = tr.make_optimizers(model, model_d, 2.5e-4, 1e-4)
@@ -56,8 +68,13 @@ def torch_worker(args):
   for line in sys.stdin:
     start = time.perf_counter()
     tr.train_iteration(model, model_d, opt_g, opt_d, batch, step, cfg)
+    if device == "cuda":
+      torch.cuda.synchronize()
     step += 1
-    answer(start, before)
+    if device == "cuda":
+      answer(start, before, torch.cuda.max_memory_allocated(), torch.cuda.get_device_name())
+    else:
+      answer(start, before)
 
 
 def jax_worker(args):
@@ -86,16 +103,28 @@ def jax_worker(args):
     start = time.perf_counter()
     state, metrics = step(state, batch)
     jax.block_until_ready((state, metrics))
-    answer(start, before)
+    device = jax.devices()[0]
+    answer(start, before, (device.memory_stats() or {}).get("peak_bytes_in_use"),
+           device.device_kind if device.platform != "cpu" else None)
 
 
-def answer(start, before_steps):
+def torch_device(name: str) -> str:
+  """``auto``: ``cuda`` where torch sees a GPU, else ``cpu``."""
+  import torch
+  if name == "auto":
+    return "cuda" if torch.cuda.is_available() else "cpu"
+  return name
+
+
+def answer(start, before_steps, device_peak=None, device=None):
   """A worker's reply to "step": its seconds, the process's peak resident set
   (``before_steps``: the peak up to the first step, when the kernel's mark
-  was reset), and the peak since the steps began."""
+  was reset), the peak since the steps began, and on a GPU the device
+  allocator's peak and the device's name."""
   steps = peak_rss_bytes()
-  print(json.dumps({"seconds": time.perf_counter() - start,
-                    "rss": max(before_steps, steps), "step_rss": steps}), flush=True)
+  print(json.dumps({"seconds": time.perf_counter() - start, "rss": max(before_steps, steps),
+                    "step_rss": steps, "device_peak": device_peak, "device": device}),
+        flush=True)
 
 
 def make_batch(batch, size):
@@ -119,11 +148,12 @@ class Worker:
     cmd = [sys.executable, os.path.abspath(__file__), f"--worker={kind}",
            f"--backbone={args.backbone}", f"--width={args.width}", f"--size={args.size}",
            f"--batch={args.batch}", f"--threads={args.threads}",
-           f"--xla_cpu_tuning={args.xla_cpu_tuning}", *extra]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+           f"--xla_cpu_tuning={args.xla_cpu_tuning}", f"--device={args.device}", *extra]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",
+               XLA_PYTHON_CLIENT_PREALLOCATE="false")   # Share a GPU with torch.
     self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                  text=True, env=env)
-    self.times, self.rss, self.step_rss = [], 0, 0
+    self.times, self.rss, self.step_rss, self.device_peak, self.device = [], 0, 0, None, None
 
   def step(self, record=True):
     self.proc.stdin.write("step\n")
@@ -135,6 +165,7 @@ class Worker:
     if record:
       self.times.append(answer["seconds"])
     self.rss, self.step_rss = answer["rss"], answer["step_rss"]
+    self.device_peak, self.device = answer["device_peak"], answer["device"]
 
   def close(self):
     self.proc.stdin.close()
@@ -157,6 +188,7 @@ def main():
   parser.add_argument("--rounds", type=int, default=5, help="timed steps of each")
   parser.add_argument("--warmup", type=int, default=1)
   parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+  parser.add_argument("--device", default="auto", help="torch's device: auto, cpu or cuda")
   parser.add_argument("--dtypes", default="float32,bfloat16", help="JAX compute dtypes")
   parser.add_argument("--dtype", default="float32")
   parser.add_argument("--conv_impl", default="dot", help="JAX model.conv_impl")
@@ -192,22 +224,28 @@ def main():
 
   import numpy as np
   med = lambda w: float(np.median(w.times))
-  spread = lambda w: f"{min(w.times):.2f}-{max(w.times):.2f}"
+  spread = lambda w: f"{min(w.times):.3f}-{max(w.times):.3f}"
   print(f"\n## one training iteration, JAX vs torch: {args.backbone} (width {args.width}), "
         f"{args.size}x{args.size}, batch {args.batch}, semi on\n")
   print(f"machine: {cpu_model()}; load average before {load_before[0]:.2f}, "
         f"after {os.getloadavg()[0]:.2f}; allocator (both) {allocator.active()}; torch threads {args.threads or os.cpu_count()}; "
         f"JAX conv_impl={args.conv_impl}, XLA CPU flags {'on' if args.xla_cpu_tuning else 'off'}; "
-        f"{args.rounds} alternating rounds after {args.warmup} warm-up\n")
-  gib = lambda w: f"{w.rss / 2**30:.2f} | {w.step_rss / 2**30:.2f}"
+        f"{args.rounds} alternating rounds after {args.warmup} warm-up; "
+        f"devices: torch {torch_w.device or 'CPU'}, JAX "
+        f"{', '.join(sorted({w.device or 'CPU' for w in jax_ws.values()}))}\n")
+  on_gpu = any(w.device_peak for w in workers)
+  gib = lambda w: (f"{w.rss / 2**30:.2f} | {w.step_rss / 2**30:.2f}"
+                   + (f" | {w.device_peak / 2**30:.2f}" if on_gpu else ""))
+  gpu_column = " device allocator's peak GiB |" if on_gpu else ""
   print("| run | median s | min-max s | JAX / torch | peak RSS GiB, whole process | "
-        "peak RSS GiB, during the steps |\n|---|---|---|---|---|---|")
-  print(f"| torch float32 | {med(torch_w):.2f} | {spread(torch_w)} | 1.00 | {gib(torch_w)} |")
+        f"peak RSS GiB, during the steps |{gpu_column}\n|---|---|---|---|---|---|"
+        + ("---|" if on_gpu else ""))
+  print(f"| torch float32 | {med(torch_w):.3f} | {spread(torch_w)} | 1.00 | {gib(torch_w)} |")
   for (dtype, seq, rs), w in jax_ws.items():
     name = f"JAX {dtype}" + (", sequential passes" if seq == "1" else "")
     if remat_stages(rs):
       name += f", remat stages {remat_stages(rs)}"
-    print(f"| {name} | {med(w):.2f} | {spread(w)} | {med(w) / med(torch_w):.2f} | "
+    print(f"| {name} | {med(w):.3f} | {spread(w)} | {med(w) / med(torch_w):.2f} | "
           f"{gib(w)} |")
 
 

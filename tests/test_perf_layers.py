@@ -52,13 +52,14 @@ def _grads(model, variables, x):
   return jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
 
 
-@pytest.mark.parametrize("conv_impl,remat", [("xla", (1, 3)), ("dot", (2, 4))])
-def test_deeplab_variants_match_the_default(conv_impl, remat):
+@pytest.mark.parametrize("conv_impl,remat,bn_backward", [
+    ("xla", (1, 3), "written"), ("dot", (2, 4), "written"), ("dot", (), "autodiff")])
+def test_deeplab_variants_match_the_default(conv_impl, remat, bn_backward):
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 41, 33, 3)) * 30
   kwargs = dict(num_classes=5, stage_sizes=(1, 1, 1, 1), width=8, aspp_branches=2)
   ref = DeepLabV2(**kwargs)
   variables = jax.jit(ref.init)(jax.random.PRNGKey(0), x)   # (jitted: not op by op)
-  model = DeepLabV2(conv_impl=conv_impl, remat_stages=remat, **kwargs)
+  model = DeepLabV2(conv_impl=conv_impl, remat_stages=remat, bn_backward=bn_backward, **kwargs)
   same_init = jax.jit(model.init)(jax.random.PRNGKey(0), x)
   for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(same_init)):
     np.testing.assert_array_equal(a, b)
@@ -150,19 +151,29 @@ def test_conv3x3_module_has_nn_conv_parameters_and_bf16_gradients():
                              rtol=0.05, atol=0.05 * float(jnp.abs(want["params"]["kernel"]).max()))
 
 
-def test_conv_impl_auto_is_dot_on_cpu_and_xla_elsewhere():
+def test_auto_implementations_per_platform():
+  """conv_impl=auto: dot on CPU and GPU, xla on TPU; bn_backward=auto:
+  written on CPU, autodiff elsewhere; explicit values stay; bad ones fail
+  the start-up check."""
   from advsemiseg_jax.config import base_config
-  from advsemiseg_jax.models import build_generator, resolve_conv_impl
+  from advsemiseg_jax.models import build_generator, resolve_bn_backward, resolve_conv_impl
   from advsemiseg_jax.validate import ConfigError, validate_config
-  assert resolve_conv_impl("auto", "cpu") == "dot"
-  assert resolve_conv_impl("auto", "gpu") == resolve_conv_impl("auto", "tpu") == "xla"
-  assert resolve_conv_impl("xla", "cpu") == "xla" and resolve_conv_impl("dot", "gpu") == "dot"
+  assert resolve_conv_impl("auto", "cpu") == resolve_conv_impl("auto", "gpu") == "dot"
+  assert resolve_conv_impl("auto", "tpu") == "xla"
+  assert resolve_conv_impl("xla", "cpu") == "xla" and resolve_conv_impl("dot", "tpu") == "dot"
+  assert resolve_bn_backward("auto", "cpu") == "written"
+  assert resolve_bn_backward("auto", "gpu") == resolve_bn_backward("auto", "tpu") == "autodiff"
+  assert resolve_bn_backward("autodiff", "cpu") == "autodiff"
   config = base_config()
-  assert config.model.conv_impl == "auto"
-  assert build_generator(config.model, 3).conv_impl == resolve_conv_impl("auto")
-  config.model.conv_impl = "winograd"
-  with pytest.raises(ConfigError, match="conv_impl"):
-    validate_config(config)
+  assert config.model.conv_impl == config.model.bn_backward == "auto"
+  model = build_generator(config.model, 3)
+  assert model.conv_impl == resolve_conv_impl("auto")
+  assert model.bn_backward == resolve_bn_backward("auto")
+  for field, bad in (("conv_impl", "winograd"), ("bn_backward", "numeric")):
+    config = base_config()
+    config.model[field] = bad
+    with pytest.raises(ConfigError, match=field):
+      validate_config(config)
 
 
 def _bottleneck_stack_temp_bytes(blocks, batch=2, size=17, planes=16):

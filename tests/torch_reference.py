@@ -171,7 +171,8 @@ def bce_2d(pred, target_value, ignore_mask):
 
 def one_hot(labels, num_classes):
   """(N, H, W) labels -> (N, C, H, W) float; 255 becomes the zero vector."""
-  out = torch.zeros((labels.shape[0], num_classes) + tuple(labels.shape[1:]))
+  out = torch.zeros((labels.shape[0], num_classes) + tuple(labels.shape[1:]),
+                    device=labels.device)
   for c in range(num_classes):
     out[:, c] = (labels == c).float()
   return out
@@ -194,8 +195,14 @@ def make_optimizers(model, model_d, lr_g, lr_d, momentum=0.9, weight_decay=5e-4,
   return sgd, adam
 
 
-def to_nchw(x):
-  return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
+def to_nchw(x, device="cpu"):
+  """(N, H, W, C) numpy -> (N, C, H, W) tensor on ``device`` (the authors
+  copy each batch to the GPU in the iteration, as here)."""
+  return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2)))).to(device)
+
+
+def to_labels(x, device="cpu"):
+  return torch.from_numpy(np.asarray(x, np.int64)).to(device)
 
 
 def train_iteration(model, model_d, opt_g, opt_d, batch, step, cfg):
@@ -205,8 +212,10 @@ def train_iteration(model, model_d, opt_g, opt_d, batch, step, cfg):
   ``label``/``gt_label`` (N, H, W) int. ``cfg``: dict with lr_g, lr_d,
   num_steps, power, lambda_adv, lambda_semi_adv, lambda_semi, t_semi,
   semi_start, semi_start_adv, num_classes. Returns the loss values (and D's
-  confidence map of the unlabeled batch, ``d_sigmoid_unlabeled``).
+  confidence map of the unlabeled batch, ``d_sigmoid_unlabeled``). Runs on
+  the device the models are on.
   """
+  device = next(model.parameters()).device
   model.train()
   model_d.train()
   opt_g.zero_grad()
@@ -224,11 +233,11 @@ def train_iteration(model, model_d, opt_g, opt_d, batch, step, cfg):
   pred_remain = ignore_remain = None
   if ((cfg["lambda_semi"] > 0 or cfg["lambda_semi_adv"] > 0)
       and step >= cfg["semi_start_adv"]):
-    pred = interp(model(to_nchw(batch["unlabeled_image"])), size)
+    pred = interp(model(to_nchw(batch["unlabeled_image"], device)), size)
     pred_remain = pred.detach()
     d_out = interp(model_d(F.softmax(pred, dim=1)), size)
     d_sigmoid = torch.sigmoid(d_out).detach()[:, 0]
-    out["d_sigmoid_unlabeled"] = d_sigmoid.numpy()
+    out["d_sigmoid_unlabeled"] = d_sigmoid.cpu().numpy()
     ignore_remain = torch.zeros_like(d_sigmoid, dtype=torch.bool)
     loss_semi_adv = cfg["lambda_semi_adv"] * bce_2d(d_out, 1.0, ignore_remain)
     out["loss_semi_adv"] = loss_semi_adv.item() / max(cfg["lambda_semi_adv"], 1e-30)
@@ -244,8 +253,8 @@ def train_iteration(model, model_d, opt_g, opt_d, batch, step, cfg):
         out["loss_semi"] = loss_semi.item() / cfg["lambda_semi"]
         (loss_semi + loss_semi_adv).backward()
 
-  labels = torch.from_numpy(np.asarray(batch["label"], np.int64))
-  pred = interp(model(to_nchw(batch["image"])), size)
+  labels = to_labels(batch["label"], device)
+  pred = interp(model(to_nchw(batch["image"], device)), size)
   loss_seg = cross_entropy_2d(pred, labels)
   ignore = labels == IGNORE
   d_out = interp(model_d(F.softmax(pred, dim=1)), size)
@@ -264,7 +273,7 @@ def train_iteration(model, model_d, opt_g, opt_d, batch, step, cfg):
   d_out = interp(model_d(F.softmax(fake, dim=1)), size)
   loss_d_fake = bce_2d(d_out, 0.0, fake_ignore) / 2
   loss_d_fake.backward()
-  gt = torch.from_numpy(np.asarray(batch["gt_label"], np.int64))
+  gt = to_labels(batch["gt_label"], device)
   d_out = interp(model_d(one_hot(gt, cfg["num_classes"])), size)
   loss_d_real = bce_2d(d_out, 1.0, gt == IGNORE) / 2
   loss_d_real.backward()

@@ -15,17 +15,28 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def resolve_conv_impl(conv_impl: str, backend: str = None) -> str:
-  """``model.conv_impl`` for this run: ``auto`` is ``dot`` on CPU (the
-  convolutions written for XLA:CPU) and ``xla`` on GPU and TPU. Both give the
-  same parameters, so checkpoints move freely between machines."""
+  """``model.conv_impl`` for this run: ``auto`` is ``dot`` on CPU and GPU
+  (measured faster on both: docs/performance.md) and ``xla`` on TPU (not
+  measured there). Both give the same parameters, so checkpoints move freely
+  between machines."""
   if conv_impl != "auto":
     return conv_impl
-  return "dot" if (backend or jax.default_backend()) == "cpu" else "xla"
+  return "xla" if (backend or jax.default_backend()) == "tpu" else "dot"
+
+
+def resolve_bn_backward(bn_backward: str, backend: str = None) -> str:
+  """``model.bn_backward`` for this run: ``auto`` is ``written`` on CPU (the
+  backward pass that keeps torch's activations; XLA:CPU keeps twice as many
+  with JAX's own) and ``autodiff`` elsewhere (faster on GPU, no more memory).
+  Same values either way."""
+  if bn_backward != "auto":
+    return bn_backward
+  return "written" if (backend or jax.default_backend()) == "cpu" else "autodiff"
 
 
 def build_generator(model_config, num_classes: int) -> DeepLabV2:
   """DeepLab-v2 from ``config.model`` (backbone, width, aspp_branches, bn_mode,
-  compute_dtype, conv_impl, remat_stages)."""
+  compute_dtype, conv_impl, remat_stages, bn_backward)."""
   if model_config.backbone not in STAGE_SIZES:
     raise ValueError(f"model.backbone must be one of {sorted(STAGE_SIZES)}, "
                      f"got {model_config.backbone!r}")
@@ -36,7 +47,8 @@ def build_generator(model_config, num_classes: int) -> DeepLabV2:
                    bn_mode=model_config.bn_mode,
                    dtype=DTYPES[model_config.compute_dtype],
                    conv_impl=resolve_conv_impl(model_config.conv_impl),
-                   remat_stages=tuple(model_config.remat_stages))
+                   remat_stages=tuple(model_config.remat_stages),
+                   bn_backward=resolve_bn_backward(model_config.bn_backward))
 
 
 def build_discriminator(model_config):
@@ -50,4 +62,4 @@ def build_discriminator(model_config):
 __all__ = ["ASPP_DILATIONS", "OUTPUT_STRIDE", "STAGE_SIZES", "DeepLabV2",
            "FCDiscriminator", "ImageDiscriminator", "build_generator",
            "build_discriminator", "confidence_logits", "resize_bilinear",
-           "resolve_conv_impl", "upsample_logits"]
+           "resolve_bn_backward", "resolve_conv_impl", "upsample_logits"]

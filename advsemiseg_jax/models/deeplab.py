@@ -114,12 +114,13 @@ class DeepLabV2(nn.Module):
   dtype: Any = jnp.float32
   conv_impl: str = "xla"
   remat_stages: Sequence[int] = ()
+  bn_backward: str = "written"
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     conv = functools.partial(layers.conv_module(self.conv_impl), use_bias=False,
                              dtype=self.dtype, kernel_init=_backbone_init)
-    norm = layers.batch_norm(self.bn_mode, train, self.dtype)
+    norm = layers.batch_norm(self.bn_mode, train, self.dtype, self.bn_backward)
     x = conv(self.width, (7, 7), strides=2, padding=((3, 3), (3, 3)),
              name="conv1")(x.astype(self.dtype))
     x = norm(name="bn1")(x, relu=True)

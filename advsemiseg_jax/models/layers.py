@@ -34,6 +34,7 @@ from advsemiseg_jax import ordering
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 BN_MODES = ("batch_stats", "frozen")
+BN_BACKWARDS = ("written", "autodiff")
 CONV_IMPLS = ("xla", "dot")
 
 
@@ -162,6 +163,15 @@ def _batch_norm_act_bwd(relu, epsilon, saved, cotangents):
 batch_norm_act.defvjp(_batch_norm_act_fwd, _batch_norm_act_bwd)
 
 
+def batch_norm_act_autodiff(x, scale, bias, residual, relu: bool, epsilon: float):
+  """``batch_norm_act``'s formula and outputs, differentiated by JAX
+  (``model.bn_backward=autodiff``). XLA:GPU runs its derivative faster than
+  the written-out one (see docs/performance.md); XLA:CPU keeps twice the
+  activations with it."""
+  mean, var, _ = _batch_stats(x)
+  return _normalize_act(x, mean, var, scale, bias, residual, relu, epsilon), mean, var
+
+
 class BatchNorm(nn.Module):
   """torch-equivalent BatchNorm over NHWC (statistics over N, H, W).
 
@@ -172,9 +182,11 @@ class BatchNorm(nn.Module):
 
   ``__call__(x, residual=None, relu=False)`` also adds ``residual`` and
   applies a ReLU after the normalisation; with batch statistics all three
-  are one ``batch_norm_act``, whose backward pass keeps what torch's keeps.
+  are one ``batch_norm_act``, whose backward pass keeps what torch's keeps
+  (``backward="written"``), or ``batch_norm_act_autodiff`` (``"autodiff"``).
   """
   use_running_average: bool = False
+  backward: str = "written"
   momentum: float = BN_MOMENTUM
   epsilon: float = BN_EPSILON
   dtype: Any = jnp.float32
@@ -189,7 +201,10 @@ class BatchNorm(nn.Module):
     if self.use_running_average:
       return _normalize_act(x, ra_mean.value, ra_var.value, scale, bias, residual,
                             relu, self.epsilon)
-    y, mean, var = batch_norm_act(x, scale, bias, residual, relu, self.epsilon)
+    if self.backward not in BN_BACKWARDS:
+      raise ValueError(f"model.bn_backward must be one of {BN_BACKWARDS}, got {self.backward!r}")
+    fn = batch_norm_act if self.backward == "written" else batch_norm_act_autodiff
+    y, mean, var = fn(x, scale, bias, residual, relu, self.epsilon)
     if not self.is_initializing():
       n = x.size // c
       m = self.momentum
@@ -237,18 +252,20 @@ def remat_call(module: nn.Module, x):
                        grad_vars=True)(module, x)
 
 
-def batch_norm(bn_mode: str, train: bool, dtype=jnp.float32):
+def batch_norm(bn_mode: str, train: bool, dtype=jnp.float32, backward: str = "written"):
   """BatchNorm as the authors' code runs it.
 
   ``batch_stats``: batch statistics while training (running averages updated
   with torch's momentum), running averages at evaluation.
   ``frozen``: running averages always. In both modes the affine parameters are
-  frozen by the optimiser rules, not here.
+  frozen by the optimiser rules, not here. ``backward``: how the training-mode
+  BatchNorm is differentiated (``BN_BACKWARDS``; same values).
   """
   if bn_mode not in BN_MODES:
     raise ValueError(f"model.bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
   use_running = (not train) or bn_mode == "frozen"
-  return functools.partial(BatchNorm, use_running_average=use_running, dtype=dtype)
+  return functools.partial(BatchNorm, use_running_average=use_running, dtype=dtype,
+                           backward=backward)
 
 
 class _ConvAsGemm(nn.Module):
