@@ -114,7 +114,7 @@ def test_doc_has_the_papers_cells():
   for number in ("66.0", "73.6", "74.9", "69.5", "55.5", "67.7", "65.7", "68.4", "67.2"):
     assert f"paper {number}" in TEXT, number
   # Which time is measured (one H200 row) and which are scaled estimates.
-  assert "**28.6 min in bf16 and 43.0 min in float32**" in TEXT
+  assert "**21.6 min in bf16 and 43.0 min in float32**" in TEXT
   assert "so it is an **estimate**" in TEXT
   assert "resnet101COCO-41f33a49.pth" in TEXT
 
