@@ -1,6 +1,6 @@
 """Start-up validation through main.py: one line naming the key, a non-zero
 exit, within seconds (nothing compiled, no data read). tests/test_train.py
-covers t_semi, semi_start, labeled_fraction, the lambdas and unknown keys."""
+covers unknown keys and variants."""
 import os
 import subprocess
 import sys
@@ -45,6 +45,12 @@ def test_main_rejects_each_bad_value_with_one_line_naming_the_key(tmp_path):
                  "config error: nonfinite_policy must be one of ('stop', 'skip')"),
       "semi_start": (["--config.loss.semi_start=31"], None,
                      "config error: loss.semi_start=31 is beyond num_steps=30"),
+      "t_semi": (["--config.loss.t_semi=1.5"], None,
+                 "config error: loss.t_semi must be in [0, 1], got 1.5"),
+      "fraction": (["--config.data.labeled_fraction=0"], None,
+                   "config error: data.labeled_fraction must be in (0, 1], got 0.0"),
+      "lambda": (["--config.loss.lambda_adv=-1"], None,
+                 "config error: loss.lambda_adv must be >= 0, got -1.0"),
   }
   cases["workdir"] = ([], None, f"config error: workdir '{tmp_path}/a_file/run' "
                                 "cannot be written")
