@@ -4,7 +4,7 @@
   python benchmarks/vs_torch.py --size=321 --rounds=5
   python benchmarks/vs_torch.py --size=321 --dtypes=float32 --sequential_passes=0,1 --remat_stages=0,1234
   python benchmarks/vs_torch.py --backbone=tiny --width=8 --size=65 --rounds=3   # smoke run
-  python benchmarks/vs_torch.py --size=321 --batch=10 --dtypes=float32,bfloat16 --conv_impl=auto  # one GPU
+  python benchmarks/vs_torch.py --size=321 --batch=10 --xla_cpu_tuning=0   # one GPU
 
 torch runs tests/torch_reference.py's re-implementation of the authors'
 iteration (unlabeled batch with L_semi_adv + L_semi, labeled batch with L_ce
@@ -20,9 +20,13 @@ spreads, the ratio JAX / torch, peak memory, per JAX precision asked for.
 On a GPU machine (``--device=auto`` finds it) torch runs on the GPU with
 cudnn.benchmark on, as the authors' train.py sets it, and copies each batch
 to the GPU inside the iteration, as their loop does; JAX runs on the GPU
-too (pass ``--conv_impl=auto``: ``dot`` is the CPU choice), without
-preallocating, so that both fit on the card. Memory is then each
-allocator's peak on the device, and a step is timed until the device is done.
+too, without preallocating, so that both fit on the card. A step is timed
+until the device is done. Device memory comes in two columns: each
+allocator's peak over the whole process, which includes the convolution
+autotuners' scratch space (cudnn.benchmark's trials in torch's first step,
+XLA's while compiling), and the peak of the steps: torch's allocator peak
+from its second step on, and XLA's plan for the compiled step (arguments,
+temporaries and outputs), which is what the JAX steps hold.
 """
 import argparse
 import json
@@ -65,16 +69,22 @@ def torch_worker(args):
   allocator.release_free_memory()   # As the JAX worker (and main.py) do.
   before = peak_rss_bytes()
   reset_peak_rss()
+  whole_peak = 0
   for line in sys.stdin:
     start = time.perf_counter()
     tr.train_iteration(model, model_d, opt_g, opt_d, batch, step, cfg)
     if device == "cuda":
       torch.cuda.synchronize()
     step += 1
-    if device == "cuda":
-      answer(start, before, torch.cuda.max_memory_allocated(), torch.cuda.get_device_name())
-    else:
+    if device != "cuda":
       answer(start, before)
+      continue
+    steps_peak = torch.cuda.max_memory_allocated()
+    whole_peak = max(whole_peak, steps_peak)
+    answer(start, before, (whole_peak, steps_peak if step > 1 else None),
+           torch.cuda.get_device_name())
+    if step == 1:   # The first step's peak holds cudnn.benchmark's trials.
+      torch.cuda.reset_peak_memory_stats()
 
 
 def jax_worker(args):
@@ -96,6 +106,9 @@ def jax_worker(args):
   state = jax.device_put(state, parallel.replicated(mesh))
   batch = parallel.to_global(make_batch(args.batch, args.size), mesh)
   step = parallel.jit_train_step(step_fn, mesh).lower(state, batch).compile()
+  plan = step.memory_analysis()
+  plan = plan and (plan.argument_size_in_bytes + plan.temp_size_in_bytes
+                   + plan.output_size_in_bytes - plan.alias_size_in_bytes)
   allocator.release_free_memory()   # What compiling freed (main.py does the same).
   before = peak_rss_bytes()
   reset_peak_rss()   # From here: the steps, without the compilation.
@@ -104,8 +117,11 @@ def jax_worker(args):
     state, metrics = step(state, batch)
     jax.block_until_ready((state, metrics))
     device = jax.devices()[0]
-    answer(start, before, (device.memory_stats() or {}).get("peak_bytes_in_use"),
-           device.device_kind if device.platform != "cpu" else None)
+    if device.platform == "cpu":
+      answer(start, before)
+    else:
+      answer(start, before, (device.memory_stats()["peak_bytes_in_use"], plan),
+             device.device_kind)
 
 
 def torch_device(name: str) -> str:
@@ -120,7 +136,8 @@ def answer(start, before_steps, device_peak=None, device=None):
   """A worker's reply to "step": its seconds, the process's peak resident set
   (``before_steps``: the peak up to the first step, when the kernel's mark
   was reset), the peak since the steps began, and on a GPU the device
-  allocator's peak and the device's name."""
+  memory (whole process, steps; the latter None until known) and the
+  device's name."""
   steps = peak_rss_bytes()
   print(json.dumps({"seconds": time.perf_counter() - start, "rss": max(before_steps, steps),
                     "step_rss": steps, "device_peak": device_peak, "device": device}),
@@ -234,12 +251,15 @@ def main():
         f"devices: torch {torch_w.device or 'CPU'}, JAX "
         f"{', '.join(sorted({w.device or 'CPU' for w in jax_ws.values()}))}\n")
   on_gpu = any(w.device_peak for w in workers)
+  gpu_gib = lambda w: " | ".join("-" if b is None else f"{b / 2**30:.2f}"
+                                 for b in (w.device_peak or (None, None)))
   gib = lambda w: (f"{w.rss / 2**30:.2f} | {w.step_rss / 2**30:.2f}"
-                   + (f" | {w.device_peak / 2**30:.2f}" if on_gpu else ""))
-  gpu_column = " device allocator's peak GiB |" if on_gpu else ""
+                   + (f" | {gpu_gib(w)}" if on_gpu else ""))
+  gpu_columns = (" device peak GiB, whole process | device GiB, steps (torch: allocator "
+                 "peak after step 1; JAX: XLA's plan) |") if on_gpu else ""
   print("| run | median s | min-max s | JAX / torch | peak RSS GiB, whole process | "
-        f"peak RSS GiB, during the steps |{gpu_column}\n|---|---|---|---|---|---|"
-        + ("---|" if on_gpu else ""))
+        f"peak RSS GiB, during the steps |{gpu_columns}\n|---|---|---|---|---|---|"
+        + ("---|---|" if on_gpu else ""))
   print(f"| torch float32 | {med(torch_w):.3f} | {spread(torch_w)} | 1.00 | {gib(torch_w)} |")
   for (dtype, seq, rs), w in jax_ws.items():
     name = f"JAX {dtype}" + (", sequential passes" if seq == "1" else "")
