@@ -210,3 +210,25 @@ def test_bottleneck_keeps_what_torch_keeps_for_the_backward_pass():
   per_block = (_bottleneck_stack_temp_bytes(4) - _bottleneck_stack_temp_bytes(2)) / 2
   torch_keeps = 12 * planes * batch * size * size * 4
   assert per_block <= 1.25 * torch_keeps, per_block / torch_keeps
+
+
+@pytest.mark.parametrize("size", [37, 40])
+def test_discriminator_dot_matches_xla(size):
+  """conv_impl=dot's D (kernel gradients as one GEMM per layer): same
+  parameters, outputs and gradients as nn.Conv's, odd and even sizes."""
+  from advsemiseg_jax.models import FCDiscriminator
+  x = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(1), (3, size, size + 3, 5)) * 3)
+  ref, dot = FCDiscriminator(width=4), FCDiscriminator(width=4, conv_impl="dot")
+  variables = jax.jit(ref.init)(jax.random.PRNGKey(0), x)
+  same = jax.jit(dot.init)(jax.random.PRNGKey(0), x)
+  assert jax.tree.structure(variables) == jax.tree.structure(same)
+  for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(same)):
+    np.testing.assert_array_equal(a, b)
+
+  def loss(model):
+    return lambda v, x: jnp.sum(jnp.sin(model.apply(v, x)))
+  np.testing.assert_allclose(dot.apply(variables, x), ref.apply(variables, x), rtol=1e-5, atol=1e-6)
+  got = jax.jit(jax.grad(loss(dot), argnums=(0, 1)))(variables, x)
+  want = jax.jit(jax.grad(loss(ref), argnums=(0, 1)))(variables, x)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))

@@ -56,7 +56,8 @@ def build_discriminator(model_config):
   if model_config.discriminator not in DISCRIMINATORS:
     raise ValueError(f"model.discriminator must be one of "
                      f"{sorted(DISCRIMINATORS)}, got {model_config.discriminator!r}")
-  return DISCRIMINATORS[model_config.discriminator](width=model_config.disc_width)
+  return DISCRIMINATORS[model_config.discriminator](
+      width=model_config.disc_width, conv_impl=resolve_conv_impl(model_config.conv_impl))
 
 
 __all__ = ["ASPP_DILATIONS", "OUTPUT_STRIDE", "STAGE_SIZES", "DeepLabV2",

@@ -7,12 +7,16 @@ from advsemiseg_jax.models import layers
 NUM_DOWNSAMPLINGS = 5
 
 
-def _conv(features, name):
+def _conv(features, name, conv_impl):
+  """A 4x4 stride-2 convolution padded by 1; ``dot`` computes its kernel
+  gradient as one GEMM (``layers.conv4x4_s2``), with the same parameters."""
+  if conv_impl == "dot":
+    return layers.StridedConv4x4(features, use_bias=True, name=name)
   return nn.Conv(features, (4, 4), strides=2, padding=((1, 1), (1, 1)),
                  use_bias=True, name=name)
 
 
-def _trunk(x, width):
+def _trunk(x, width, conv_impl):
   """conv1..conv4 (4x4, stride 2, padding 1) with LeakyReLU(0.2).
 
   Called inside a parent's compact method, so the parameters are named
@@ -20,7 +24,7 @@ def _trunk(x, width):
   """
   x = x.astype(jnp.float32)
   for i in range(4):
-    x = nn.leaky_relu(_conv(width * 2**i, f"conv{i + 1}")(x), 0.2)
+    x = nn.leaky_relu(_conv(width * 2**i, f"conv{i + 1}", conv_impl)(x), 0.2)
   return x
 
 
@@ -29,13 +33,15 @@ class FCDiscriminator(nn.Module):
 
   Input: NHWC class-probability maps. Output: NHW1 logits at 1/32 of the
   input (321 -> 10). ``confidence_logits`` upsamples them to the input size.
+  ``conv_impl``: ``xla`` or ``dot`` (see ``_conv``).
   """
   width: int = 64
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, probs):
-    x = _trunk(probs, self.width)
-    return _conv(1, "classifier")(x)
+    x = _trunk(probs, self.width, self.conv_impl)
+    return _conv(1, "classifier", self.conv_impl)(x)
 
 
 class ImageDiscriminator(nn.Module):
@@ -46,10 +52,11 @@ class ImageDiscriminator(nn.Module):
   1x1 map, so upsampling broadcasts it to every pixel.
   """
   width: int = 64
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, probs):
-    x = _trunk(probs, self.width)
+    x = _trunk(probs, self.width, self.conv_impl)
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(1, name="classifier")(x)[:, None, None, :]
 

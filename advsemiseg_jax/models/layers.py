@@ -367,6 +367,51 @@ def _dilated_conv3x3_bwd(dilation, residuals, dy):
 dilated_conv3x3.defvjp(_dilated_conv3x3_fwd, _dilated_conv3x3_bwd)
 
 
+def _conv4x4_s2(x, kernel):
+  return lax.conv_general_dilated(x, kernel, (2, 2), ((1, 1), (1, 1)),
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@jax.custom_vjp
+def conv4x4_s2(x, kernel):
+  """D's convolution: 4x4, stride 2, padding 1, NHWC/HWIO, whose kernel
+  gradient is one GEMM over all 16 taps (the input's 4x4 patches at the
+  output's positions against the output gradient): on XLA:CPU 1.2-1.8x
+  faster than XLA's own kernel-gradient convolution for D's first three
+  layers. The input gradient is JAX's. Same values up to rounding."""
+  return _conv4x4_s2(x, kernel)
+
+
+def _conv4x4_s2_fwd(x, kernel):
+  return _conv4x4_s2(x, kernel), (x, kernel)
+
+
+def _conv4x4_s2_bwd(residuals, dy):
+  x, kernel = residuals
+  dx = jax.vjp(lambda x: _conv4x4_s2(x, kernel), x)[1](dy)[0]
+  _, ho, wo, cout = dy.shape
+  # Tap (ky, kx) of output pixel p reads padded x at 2p + (ky, kx). Read x
+  # through dy so that the patches live in the backward pass only.
+  xp = jnp.pad(ordering.computed_after(x, dy), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  patches = jnp.stack([xp[:, ky:ky + 2 * ho - 1:2, kx:kx + 2 * wo - 1:2, :]
+                       for ky in range(4) for kx in range(4)], axis=3)
+  dkernel = lax.dot_general(patches.reshape(-1, 16 * x.shape[-1]), dy.reshape(-1, cout),
+                            (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  return dx, dkernel.reshape(kernel.shape).astype(kernel.dtype)
+
+
+conv4x4_s2.defvjp(_conv4x4_s2_fwd, _conv4x4_s2_bwd)
+
+
+class StridedConv4x4(_ConvAsGemm):
+  """``nn.Conv(features, (4, 4), strides=2, padding=1)`` through
+  ``conv4x4_s2``: same parameter names, shapes and initialisers."""
+  kernel_size: Any = (4, 4)
+
+  def convolve(self, x, kernel):
+    return conv4x4_s2(x, kernel)
+
+
 class Conv3x3(_ConvAsGemm):
   """``nn.Conv(features, (3, 3), padding=d, kernel_dilation=d)`` through
   ``dilated_conv3x3``: same parameter names, shapes and initialisers."""
