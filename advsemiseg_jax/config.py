@@ -24,7 +24,8 @@ def base_config() -> ml_collections.ConfigDict:
   # softmax, losses and D stay float32).
   c.model.compute_dtype = "float32"
   # auto: dot on CPU and GPU, xla on TPU | xla (lax.conv everywhere) | dot (1x1
-  # convs and ASPP as GEMMs, 3x3 kernel gradients as GEMMs: faster on CPU and GPU).
+  # convs and ASPP as GEMMs, 3x3 and D's 4x4 kernel gradients as GEMMs: faster
+  # on CPU and GPU).
   c.model.conv_impl = "auto"
   # How training-mode BatchNorm is differentiated. auto: written on CPU,
   # autodiff elsewhere | written (keeps what torch keeps: less memory on
