@@ -118,13 +118,29 @@ def _conv_flops(eqn, in_bounds: bool) -> float:
   return 2.0 * macs
 
 
-def jaxpr_flops(jaxpr, in_bounds: bool = False) -> float:
-  """2 x multiply-adds of every convolution and matrix product in ``jaxpr``
-  and its sub-jaxprs (scan bodies times their length). Convolutions count all
-  taps, padding included (what torch computes), or with ``in_bounds`` only the
-  taps that read the input (XLA's rule, see ``_conv_flops``)."""
+def _live(jaxpr, used):
+  """The equations of ``jaxpr`` whose results reach the outputs flagged in
+  ``used`` (or that have effects), each with the flags of its own outputs:
+  what XLA keeps after dead-code elimination. A custom_vjp's backward rule,
+  for one, computes every cotangent, wanted or not."""
+  live = {v for v, u in zip(jaxpr.outvars, used) if u and not isinstance(v, jax.extend.core.Literal)}
+  kept = []
+  for eqn in reversed(jaxpr.eqns):
+    flags = [v in live for v in eqn.outvars]
+    if any(flags) or eqn.effects:
+      kept.append((eqn, flags))
+      live.update(v for v in eqn.invars if not isinstance(v, jax.extend.core.Literal))
+  return kept[::-1]
+
+
+def jaxpr_flops(jaxpr, in_bounds: bool = False, used=None) -> float:
+  """2 x multiply-adds of every live convolution and matrix product in
+  ``jaxpr`` and its sub-jaxprs (scan bodies times their length), ``used``
+  flagging the outputs that count (default: all). Convolutions count all
+  taps, padding included (what torch computes), or with ``in_bounds`` only
+  the taps that read the input (XLA's rule, see ``_conv_flops``)."""
   total = 0.0
-  for eqn in jaxpr.eqns:
+  for eqn, flags in _live(jaxpr, used or [True] * len(jaxpr.outvars)):
     name = eqn.primitive.name
     if name == "conv_general_dilated":
       total += _conv_flops(eqn, in_bounds)
@@ -134,7 +150,11 @@ def jaxpr_flops(jaxpr, in_bounds: bool = False) -> float:
       total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod(
           [lhs[d] for d in lhs_contract])
     else:
-      inner = sum(jaxpr_flops(j, in_bounds) for j in _sub_jaxprs(eqn))
+      # A call's outputs are its body's (pjit and the like): pass the flags on.
+      inner = sum(jaxpr_flops(j, in_bounds, flags if len(j.outvars) == len(flags) and
+                              name in ("pjit", "jit", "closed_call", "remat", "checkpoint")
+                              else None)
+                  for j in _sub_jaxprs(eqn))
       total += inner * (eqn.params.get("length", 1) if name == "scan" else 1)
   return total
 

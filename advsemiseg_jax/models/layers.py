@@ -391,7 +391,9 @@ def _conv4x4_s2_fwd(x, kernel):
 
 def _conv4x4_s2_bwd(residuals, dy):
   x, kernel = residuals
-  dx = jax.vjp(lambda x: _conv4x4_s2(x, kernel), x)[1](dy)[0]
+  # The input gradient is the transpose of the convolution in x (no primal
+  # recomputed, which jax.vjp would trace).
+  dx, = jax.linear_transpose(lambda x: _conv4x4_s2(x, kernel), x)(dy)
   _, ho, wo, cout = dy.shape
   # Tap (ky, kx) of output pixel p reads padded x at 2p + (ky, kx). Read x
   # through dy so that the patches live in the backward pass only.
