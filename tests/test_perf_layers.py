@@ -217,6 +217,8 @@ def test_discriminator_dot_matches_xla(size):
   """conv_impl=dot's D (kernel gradients as one GEMM per layer): same
   parameters, outputs and gradients as nn.Conv's, odd and even sizes."""
   from advsemiseg_jax.models import FCDiscriminator
+  assert isinstance(layers.conv_module("dot")(4, (4, 4), strides=2, padding=((1, 1), (1, 1))),
+                    layers.StridedConv4x4)
   x = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(1), (3, size, size + 3, 5)) * 3)
   ref, dot = FCDiscriminator(width=4), FCDiscriminator(width=4, conv_impl="dot")
   variables = jax.jit(ref.init)(jax.random.PRNGKey(0), x)

@@ -8,12 +8,11 @@ NUM_DOWNSAMPLINGS = 5
 
 
 def _conv(features, name, conv_impl):
-  """A 4x4 stride-2 convolution padded by 1; ``dot`` computes its kernel
-  gradient as one GEMM (``layers.conv4x4_s2``), with the same parameters."""
-  if conv_impl == "dot":
-    return layers.StridedConv4x4(features, use_bias=True, name=name)
-  return nn.Conv(features, (4, 4), strides=2, padding=((1, 1), (1, 1)),
-                 use_bias=True, name=name)
+  """A 4x4 stride-2 convolution padded by 1 of ``model.conv_impl``
+  (``layers.conv_module``: ``dot`` computes its kernel gradient as one GEMM,
+  with the same parameters)."""
+  return layers.conv_module(conv_impl)(features, (4, 4), strides=2, padding=((1, 1), (1, 1)),
+                                       use_bias=True, name=name)
 
 
 def _trunk(x, width, conv_impl):
@@ -33,7 +32,7 @@ class FCDiscriminator(nn.Module):
 
   Input: NHWC class-probability maps. Output: NHW1 logits at 1/32 of the
   input (321 -> 10). ``confidence_logits`` upsamples them to the input size.
-  ``conv_impl``: ``xla`` or ``dot`` (see ``_conv``).
+  ``conv_impl``: ``xla`` or ``dot`` (``layers.conv_module``).
   """
   width: int = 64
   conv_impl: str = "xla"

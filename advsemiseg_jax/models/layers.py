@@ -430,8 +430,9 @@ class Conv3x3(_ConvAsGemm):
 def conv_module(impl: str) -> Callable[..., nn.Module]:
   """The convolution class for ``model.conv_impl``: ``nn.Conv`` (``xla``), or
   a factory (``dot``) that builds ``DotConv`` for 1x1 kernels, ``Conv3x3``
-  for stride-1 3x3 kernels padded by their dilation, and ``nn.Conv`` for
-  every other kernel. All take ``nn.Conv``'s arguments."""
+  for stride-1 3x3 kernels padded by their dilation, ``StridedConv4x4`` for
+  D's stride-2 4x4 kernels padded by 1, and ``nn.Conv`` for every other
+  kernel. All take ``nn.Conv``'s arguments."""
   if impl not in CONV_IMPLS:
     raise ValueError(f"model.conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
   if impl == "xla":
@@ -447,6 +448,10 @@ def conv_module(impl: str) -> Callable[..., nn.Module]:
         and padding in (d, ((d, d), (d, d)))):
       kwargs.pop("kernel_dilation", None)
       return Conv3x3(features, dilation=d, **kwargs)
+    if (d == 1 and tuple(kernel_size) == (4, 4) and strides in (2, (2, 2))
+        and padding in (1, ((1, 1), (1, 1)))):
+      kwargs.pop("kernel_dilation", None)
+      return StridedConv4x4(features, **kwargs)
     return nn.Conv(features, kernel_size, strides=strides, padding=padding, **kwargs)
   return make
 
