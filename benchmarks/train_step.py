@@ -224,6 +224,16 @@ def peak_memory_bytes():
   return "process max RSS", max_rss_bytes()
 
 
+def xla_plan_bytes(compiled) -> float:
+  """XLA's memory plan for a compiled step: arguments + temporaries + outputs,
+  less what outputs alias (donated arguments); NaN where XLA gives none."""
+  mem = compiled.memory_analysis()
+  if not mem:
+    return float("nan")
+  return (mem.temp_size_in_bytes + mem.argument_size_in_bytes
+          + mem.output_size_in_bytes - mem.alias_size_in_bytes)
+
+
 def describe_machine() -> str:
   device = jax.devices()[0]
   if device.platform == "cpu":
@@ -249,9 +259,7 @@ def measure(config, batch_size: int, size, steps: int, warmup: int, profile_step
   image = jnp.zeros((1,) + tuple(size) + (3,))
   g_forward = jaxpr_flops(jax.make_jaxpr(lambda v: generator.apply(v, image))(
       {"params": state.g_params, "batch_stats": state.g_batch_stats}).jaxpr)
-  mem = compiled.memory_analysis()
-  xla_bytes = (mem.temp_size_in_bytes + mem.argument_size_in_bytes
-               + mem.output_size_in_bytes - mem.alias_size_in_bytes) if mem else float("nan")
+  xla_bytes = xla_plan_bytes(compiled)
   times = []
   for i in range(warmup + steps):
     begin = time.perf_counter()

@@ -30,6 +30,7 @@ temporaries and outputs), which is what the JAX steps hold.
 """
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -106,9 +107,9 @@ def jax_worker(args):
   state = jax.device_put(state, parallel.replicated(mesh))
   batch = parallel.to_global(make_batch(args.batch, args.size), mesh)
   step = parallel.jit_train_step(step_fn, mesh).lower(state, batch).compile()
-  plan = step.memory_analysis()
-  plan = plan and (plan.argument_size_in_bytes + plan.temp_size_in_bytes
-                   + plan.output_size_in_bytes - plan.alias_size_in_bytes)
+  plan = ts.xla_plan_bytes(step)
+  plan = None if math.isnan(plan) else plan   # JSON's null: "-" in the table
+  device = jax.devices()[0]
   allocator.release_free_memory()   # What compiling freed (main.py does the same).
   before = peak_rss_bytes()
   reset_peak_rss()   # From here: the steps, without the compilation.
@@ -116,7 +117,6 @@ def jax_worker(args):
     start = time.perf_counter()
     state, metrics = step(state, batch)
     jax.block_until_ready((state, metrics))
-    device = jax.devices()[0]
     if device.platform == "cpu":
       answer(start, before)
     else:
