@@ -161,13 +161,15 @@ def make_batch(batch, size):
 class Worker:
   """A worker process driven one step at a time."""
 
-  def __init__(self, kind, args, extra=()):
+  def __init__(self, kind, args, extra=(), xla_flags=""):
     cmd = [sys.executable, os.path.abspath(__file__), f"--worker={kind}",
            f"--backbone={args.backbone}", f"--width={args.width}", f"--size={args.size}",
            f"--batch={args.batch}", f"--threads={args.threads}",
            f"--xla_cpu_tuning={args.xla_cpu_tuning}", f"--device={args.device}", *extra]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",
                XLA_PYTHON_CLIENT_PREALLOCATE="false")   # Share a GPU with torch.
+    if xla_flags:   # Named flags win over parallel.CPU_XLA_FLAGS' of the same name.
+      env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla_flags}".strip()
     self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                  text=True, env=env)
     self.times, self.rss, self.step_rss, self.device_peak, self.device = [], 0, 0, None, None
@@ -215,6 +217,10 @@ def main():
   parser.add_argument("--remat_stages", default="0",
                       help="JAX model.remat_stages as digits (0: none, 3: (3,), 1234: all), "
                            "comma-separated for a row of each")
+  parser.add_argument("--xla_flags", default="",
+                      help="XLA_FLAGS added for the JAX workers ('|' between variants, a row "
+                           "of each; an empty variant keeps the defaults), e.g. "
+                           "'|--xla_cpu_experimental_ynn_fusion_type=+eltwise,+dot'")
   args = parser.parse_args()
   if not args.worker:  # Both workers inherit the allocator, as main.py's would.
     allocator.reexec_with_tcmalloc()
@@ -225,10 +231,11 @@ def main():
 
   load_before = os.getloadavg()
   torch_w = Worker("torch", args)
-  jax_ws = {(d, seq, rs): Worker("jax", args, (f"--dtype={d}", f"--conv_impl={args.conv_impl}",
-                                                f"--sequential_passes={seq}", f"--remat_stages={rs}"))
+  jax_ws = {(d, seq, rs, flags): Worker(
+      "jax", args, (f"--dtype={d}", f"--conv_impl={args.conv_impl}",
+                    f"--sequential_passes={seq}", f"--remat_stages={rs}"), flags)
             for d in args.dtypes.split(",") for seq in args.sequential_passes.split(",")
-            for rs in args.remat_stages.split(",")}
+            for rs in args.remat_stages.split(",") for flags in args.xla_flags.split("|")}
   workers = [torch_w, *jax_ws.values()]
   for _ in range(args.warmup):
     for w in workers:
@@ -261,10 +268,12 @@ def main():
         f"peak RSS GiB, during the steps |{gpu_columns}\n|---|---|---|---|---|---|"
         + ("---|---|" if on_gpu else ""))
   print(f"| torch float32 | {med(torch_w):.3f} | {spread(torch_w)} | 1.00 | {gib(torch_w)} |")
-  for (dtype, seq, rs), w in jax_ws.items():
+  for (dtype, seq, rs, flags), w in jax_ws.items():
     name = f"JAX {dtype}" + (", sequential passes" if seq == "1" else "")
     if remat_stages(rs):
       name += f", remat stages {remat_stages(rs)}"
+    if flags:
+      name += f", XLA_FLAGS `{flags}`"
     print(f"| {name} | {med(w):.3f} | {spread(w)} | {med(w) / med(torch_w):.2f} | "
           f"{gib(w)} |")
 
