@@ -138,15 +138,17 @@ def _batch_norm_act_fwd(x, scale, bias, residual, relu, epsilon):
 def _batch_norm_act_bwd(relu, epsilon, saved, cotangents):
   gy, gmean, gvar = cotangents
   x, y, scale, mean, var, var_used, residual_like = saved
-  # Read the saved values through a dependency on gy. Otherwise XLA shares
-  # the forward's full-size broadcast of scale * invstd and its pre-ReLU sum
-  # (it rewrites ``y > 0`` as ``sum > 0``) with this backward pass, and keeps
-  # both alive from the forward pass to here.
+  # The per-channel values, and the ReLU's threshold, are read through a
+  # dependency on gy, so that nothing computed from them can be shared with
+  # the forward pass or moved into it: otherwise XLA shares the forward's
+  # full-size broadcast of scale * invstd and its pre-ReLU sum (it rewrites
+  # ``y > 0`` as ``sum > 0``), and keeps both alive until here. Tying these
+  # scalars and vectors, not x and y themselves, costs no full-size copy.
   tie = lambda t: ordering.computed_after(t, gy)
-  x, scale, mean, var = map(tie, (x, scale, mean, var))
+  scale, mean, var = map(tie, (scale, mean, var))
   gs = gy.astype(jnp.float32)
   if relu:
-    gs = jnp.where(tie(y) > 0, gs, 0.0)
+    gs = jnp.where(y > tie(jnp.zeros((), y.dtype)), gs, 0.0)
   n = x.size // x.shape[-1]
   invstd = lax.rsqrt(var + epsilon)
   centred = x.astype(jnp.float32) - mean
