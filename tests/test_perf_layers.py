@@ -11,16 +11,24 @@ from advsemiseg_jax import parallel
 from advsemiseg_jax.models import DeepLabV2, layers
 
 
-@pytest.mark.parametrize("stride", [1, 2])
-def test_dot_conv_equals_lax_conv(stride):
+@pytest.mark.parametrize("stride,features", [(1, 6), (2, 6), (1, 3)])
+def test_dot_conv_equals_lax_conv(stride, features):
+  """Values and gradients; ``conv1x1``'s kernel gradient transposes x (5
+  channels in, 6 out) or the output gradient (3 out)."""
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 7, 5))
-  ref = nn.Conv(6, (1, 1), strides=stride, use_bias=True)
+  ref = nn.Conv(features, (1, 1), strides=stride, use_bias=True)
   variables = ref.init(jax.random.PRNGKey(1), x)
   variables = jax.tree.map(lambda v: v + 0.3, variables)  # non-zero bias
-  dot = layers.conv_module("dot")(6, (1, 1), strides=stride, use_bias=True)
+  dot = layers.conv_module("dot")(features, (1, 1), strides=stride, use_bias=True)
+  assert isinstance(dot, layers.DotConv)
   assert jax.tree.structure(dot.init(jax.random.PRNGKey(1), x)) == jax.tree.structure(variables)
   np.testing.assert_allclose(dot.apply(variables, x), ref.apply(variables, x),
                              rtol=1e-5, atol=1e-5)
+  loss = lambda model: jax.jit(jax.grad(
+      lambda v, x: jnp.sum(jnp.sin(model.apply(v, x))), argnums=(0, 1)))
+  got, want = loss(dot)(variables, x), loss(ref)(variables, x)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_summed_dilated_convs_equal_lax_conv():

@@ -307,7 +307,36 @@ class DotConv(_ConvAsGemm):
     s = self.strides if isinstance(self.strides, int) else self.strides[0]
     if s > 1:
       x = x[:, ::s, ::s, :]
-    return lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
+    return conv1x1(x, kernel[0, 0])
+
+
+@jax.custom_vjp
+def conv1x1(x, kernel):
+  """NHWC ``x`` times a (cin, cout) ``kernel`` over channels, whose backward
+  pass transposes the smaller of ``x`` and the output gradient itself for
+  the kernel gradient (and the kernel for the input gradient). JAX's
+  derivative leaves that to XLA:CPU, which transposed the output gradient,
+  often the larger, in 182 places of the 321 step: 1.07 s of op time, and
+  the step took 4.5% longer. Same values up to rounding."""
+  return lax.dot_general(x, kernel, (((3,), (0,)), ((), ())))
+
+
+def _conv1x1_fwd(x, kernel):
+  return conv1x1(x, kernel), (x, kernel)
+
+
+def _conv1x1_bwd(residuals, dy):
+  x, kernel = residuals
+  dx = dy @ jnp.transpose(kernel)
+  x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+  if x2.shape[1] <= dy2.shape[1]:
+    dkernel = jnp.transpose(x2) @ dy2
+  else:
+    dkernel = jnp.transpose(jnp.transpose(dy2) @ x2)
+  return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+conv1x1.defvjp(_conv1x1_fwd, _conv1x1_bwd)
 
 
 def tap_offsets(dilation: int, h: int, w: int):
