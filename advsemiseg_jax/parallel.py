@@ -15,8 +15,9 @@ DATA_AXIS = "data"
 # XLA:CPU flags our CPU measurements showed to help (docs/performance.md):
 # YNNPACK runs the elementwise fusions and the matrix products, and XLA's own
 # convolution runtime the convolutions (YNNPACK's 3x3 convolutions ran up to
-# 1.7x slower on the step's 21x21 and 41x41 maps). An unknown flag or value aborts XLA, so they
-# are added only on jaxlib versions where they were checked to exist.
+# 1.7x slower on the step's 21x21 and 41x41 maps). An unknown flag or value
+# aborts XLA, so they are added only on jaxlib versions where they were
+# checked to exist.
 CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=+eltwise,+dot,-individual_convolution",)
 CPU_XLA_FLAGS_CHECKED_FROM = (0, 10)
 

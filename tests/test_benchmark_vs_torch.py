@@ -1,0 +1,30 @@
+"""benchmarks/vs_torch.py end to end on a tiny model: the torch worker, a JAX
+row per XLA_FLAGS variant, the ratio column."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("torch")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OLD_FLAG = "--xla_cpu_experimental_ynn_fusion_type=+eltwise,+dot"
+
+
+def test_vs_torch_prints_a_row_per_xla_flags_variant():
+  out = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", "vs_torch.py"), "--backbone=tiny",
+       "--width=8", "--size=33", "--batch=2", "--rounds=2", "--warmup=1", "--threads=1",
+       "--dtypes=float32", f"--xla_flags=|{OLD_FLAG}"],
+      capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = [line for line in out.stdout.splitlines() if line.startswith("| torch")
+          or line.startswith("| JAX")]
+  assert [row.split(" | ")[0] for row in rows] == [
+      "| torch float32", "| JAX float32", f"| JAX float32, XLA_FLAGS `{OLD_FLAG}`"]
+  for row in rows:
+    median, spread, ratio = row.split(" | ")[1:4]
+    assert float(median) > 0 and re.fullmatch(r"[\d.]+-[\d.]+", spread)
+    assert float(ratio) > 0
+  assert rows[0].split(" | ")[3] == "1.00"
