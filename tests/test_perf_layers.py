@@ -11,6 +11,12 @@ from advsemiseg_jax import parallel
 from advsemiseg_jax.models import DeepLabV2, layers
 
 
+def _sin_loss_gradients(model, variables, x):
+  """Gradients of ``sum(sin(model(x)))`` in the variables and the input."""
+  loss = lambda v, x: jnp.sum(jnp.sin(model.apply(v, x)))
+  return jax.jit(jax.grad(loss, argnums=(0, 1)))(variables, x)
+
+
 @pytest.mark.parametrize("stride,features", [(1, 6), (2, 6), (1, 3)])
 def test_dot_conv_equals_lax_conv(stride, features):
   """Values and gradients; ``conv1x1``'s kernel gradient transposes x (5
@@ -24,9 +30,7 @@ def test_dot_conv_equals_lax_conv(stride, features):
   assert jax.tree.structure(dot.init(jax.random.PRNGKey(1), x)) == jax.tree.structure(variables)
   np.testing.assert_allclose(dot.apply(variables, x), ref.apply(variables, x),
                              rtol=1e-5, atol=1e-5)
-  loss = lambda model: jax.jit(jax.grad(
-      lambda v, x: jnp.sum(jnp.sin(model.apply(v, x))), argnums=(0, 1)))
-  got, want = loss(dot)(variables, x), loss(ref)(variables, x)
+  got, want = _sin_loss_gradients(dot, variables, x), _sin_loss_gradients(ref, variables, x)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
@@ -234,11 +238,7 @@ def test_discriminator_dot_matches_xla(size):
   assert jax.tree.structure(variables) == jax.tree.structure(same)
   for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(same)):
     np.testing.assert_array_equal(a, b)
-
-  def loss(model):
-    return lambda v, x: jnp.sum(jnp.sin(model.apply(v, x)))
   np.testing.assert_allclose(dot.apply(variables, x), ref.apply(variables, x), rtol=1e-5, atol=1e-6)
-  got = jax.jit(jax.grad(loss(dot), argnums=(0, 1)))(variables, x)
-  want = jax.jit(jax.grad(loss(ref), argnums=(0, 1)))(variables, x)
+  got, want = _sin_loss_gradients(dot, variables, x), _sin_loss_gradients(ref, variables, x)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
