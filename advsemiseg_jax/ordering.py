@@ -11,12 +11,13 @@ import jax.numpy as jnp
 
 
 def computed_after(x, tree):
-  """``x``, made to depend on every leaf of ``tree``, so that XLA computes the
-  whole of ``tree`` before anything that uses the result.
+  """``x`` (an array or a tree of arrays), made to depend on every leaf of
+  ``tree``, so that XLA computes the whole of ``tree`` before anything that
+  uses the result.
 
-  ``x + sum(0 * one element of each leaf)``; ``nan_to_num`` keeps a
-  non-finite leaf from reaching ``x``.
+  ``x + sum(0 * one element of each leaf)`` (one sum, added to each leaf of
+  ``x``); ``nan_to_num`` keeps a non-finite leaf from reaching ``x``.
   """
   zero = sum(jnp.nan_to_num(leaf.reshape(-1)[0]).astype(jnp.float32) * 0
              for leaf in jax.tree.leaves(tree))
-  return x + zero.astype(x.dtype)
+  return jax.tree.map(lambda leaf: leaf + zero.astype(leaf.dtype), x)

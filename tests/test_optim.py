@@ -108,3 +108,27 @@ def test_adam_matches_torch_betas():
   m = (0.1 * 2 * 0.9 + 0.1 * 1) / (1 - 0.9**2)
   v = (0.01 * 4 * 0.99 + 0.01 * 1) / (1 - 0.99**2)
   np.testing.assert_allclose(upd["w"], [-0.1 * m / (np.sqrt(v) + 1e-8)], rtol=1e-5)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("weight_decay", [0.0, 5e-4])
+def test_sgd_is_optax_sgd_bit_for_bit(nesterov, weight_decay):
+  """``optim.sgd`` with one repeat (written out for XLA:CPU's memory) gives
+  optax's weight decay + SGD exactly, over steps with a decaying rate."""
+  rng = np.random.RandomState(0)
+  params = {"a": jnp.asarray(rng.randn(7, 5), jnp.float32),
+            "b": jnp.asarray(rng.randn(3), jnp.float32)}
+  schedule = optim.poly_schedule(2.5e-2, 100, 0.9)
+  ref = optax.chain(optax.add_decayed_weights(weight_decay),
+                    optax.sgd(schedule, momentum=0.9, nesterov=nesterov))
+  ours = optim.sgd(schedule, 0.9, weight_decay, nesterov=nesterov)
+  p_ref, p_ours = params, params
+  s_ref, s_ours = ref.init(params), ours.init(params)
+  for _ in range(4):
+    g = jax.tree.map(lambda x: jnp.asarray(rng.randn(*x.shape), jnp.float32), params)
+    u, s_ref = jax.jit(ref.update)(g, s_ref, p_ref)
+    p_ref = optax.apply_updates(p_ref, u)
+    u, s_ours = jax.jit(ours.update)(g, s_ours, p_ours)
+    p_ours = optax.apply_updates(p_ours, u)
+  for a, b in zip(jax.tree.leaves(p_ref), jax.tree.leaves(p_ours)):
+    np.testing.assert_array_equal(a, b)

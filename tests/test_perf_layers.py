@@ -50,6 +50,37 @@ def test_summed_dilated_convs_equal_lax_conv():
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
 
 
+def test_shifted_sum_gradient_and_memory():
+  """The ASPP head's shift-and-add: the written-out backward pass gives
+  autodiff's gradient, and XLA plans a small fraction of autodiff's memory
+  for the head's gradient (which padded every tap's gradient to full size)."""
+  h, w, c, k = 23, 19, 16, 5
+  offsets = []
+  for d in (6, 12, 18, 24):
+    offsets += [o for _, o, inside in layers.tap_offsets(d, h, w)
+                if inside and o not in offsets]
+  y = jax.random.normal(jax.random.PRNGKey(0), (2, h, w, len(offsets), k))
+  for fn in (layers.shifted_sum, layers._shifted_sum):
+    assert fn(y, tuple(offsets)).shape == (2, h, w, k)
+  grad = lambda fn: jax.grad(lambda y: jnp.sum(jnp.sin(fn(y, tuple(offsets)))))(y)
+  np.testing.assert_allclose(grad(layers.shifted_sum), grad(layers._shifted_sum),
+                             rtol=1e-6, atol=1e-6)
+
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, h, w, c))
+  kernels = [jnp.full((3, 3, c, k), 0.01) for _ in range(4)]
+
+  def temp_bytes(shifted_sum, monkeypatch=pytest.MonkeyPatch()):
+    with monkeypatch.context() as m:
+      m.setattr(layers, "shifted_sum", shifted_sum)
+      loss = lambda x, ks: jnp.sum(jnp.sin(layers.summed_dilated_convs(
+          x, ks, [jnp.zeros(k)] * 4, (6, 12, 18, 24))))
+      compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, kernels).compile()
+      return compiled.memory_analysis().temp_size_in_bytes
+
+  ratio = temp_bytes(layers.shifted_sum) / temp_bytes(layers._shifted_sum)
+  assert ratio < 0.25, ratio
+
+
 def test_unknown_conv_impl_fails():
   with pytest.raises(ValueError, match="conv_impl"):
     layers.conv_module("winograd")
