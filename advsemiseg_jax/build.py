@@ -10,13 +10,25 @@ from advsemiseg_jax import convert, models, optim
 from advsemiseg_jax.step import TrainState, make_train_step
 
 
+# XLA:CPU's default scheduler runs the initialisers of all parameters side by
+# side: ResNet-101's init planned 2.3 GiB of temporaries for 0.17 GiB of
+# parameters, the process's peak. Its memory-optimising scheduler plans 0.14.
+_CPU_INIT_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+
+
+def _run_init(fn, rng):
+  """``jax.jit(fn)(rng)``, compiled with ``_CPU_INIT_OPTIONS`` on a CPU."""
+  options = _CPU_INIT_OPTIONS if jax.default_backend() == "cpu" else None
+  return jax.jit(fn).lower(rng).compile(compiler_options=options)(rng)
+
+
 def init_variables(config, generator, discriminator, num_classes, rng):
   """Fresh variables of S and D (shapes do not depend on the input size)."""
   g_rng, d_rng = jax.random.split(rng)
   x = jnp.zeros((1, 33, 33, 3), jnp.float32)
-  g_vars = jax.jit(lambda r: generator.init(r, x, train=False))(g_rng)
+  g_vars = _run_init(lambda r: generator.init(r, x, train=False), g_rng)
   p = jnp.zeros((1, 64, 64, num_classes), jnp.float32)
-  d_vars = jax.jit(lambda r: discriminator.init(r, p))(d_rng)
+  d_vars = _run_init(lambda r: discriminator.init(r, p), d_rng)
   return g_vars, d_vars
 
 
