@@ -21,3 +21,16 @@ def computed_after(x, tree):
   zero = sum(jnp.nan_to_num(leaf.reshape(-1)[0]).astype(jnp.float32) * 0
              for leaf in jax.tree.leaves(tree))
   return jax.tree.map(lambda leaf: leaf + zero.astype(leaf.dtype), x)
+
+
+def copied_after(x, tree):
+  """A copy of the array ``x`` made after every leaf of ``tree``: a gather of
+  its rows with indices that depend on ``tree``.
+
+  For values whose uses XLA would otherwise hoist: it moves ``computed_after``'s
+  addition past a reverse or a transpose (``rev(x + 0)`` becomes ``rev(x) +
+  0``) and computes ``rev(x)`` at the start of the step; it cannot move a
+  gather's indices.
+  """
+  rows = computed_after(jnp.arange(x.shape[0]), tree)
+  return jnp.take(x, rows, axis=0, mode="clip")

@@ -379,7 +379,10 @@ def _dilated_conv3x3_bwd(dilation, residuals, dy):
   d = dilation
   n, h, w, cin = x.shape
   cout = dy.shape[-1]
-  dx = _dilated_conv3x3(dy, jnp.flip(kernel, (0, 1)).swapaxes(2, 3), d)
+  # The flipped kernel is made from a copy taken after dy: otherwise XLA makes
+  # it at the start of the step and keeps it (all 3x3 kernels' worth) to the end.
+  flipped = jnp.flip(ordering.copied_after(kernel, dy), (0, 1)).swapaxes(2, 3)
+  dx = _dilated_conv3x3(dy, flipped, d)
   # Tap (ky, kx) reads x at p + o, o = ((ky - 1) d, (kx - 1) d), so its
   # gradient is sum_q dy[q - o] x[q]: shift dy, not x, so that every copy
   # made here depends on dy and lives in the backward pass only.
@@ -424,8 +427,10 @@ def _conv4x4_s2_fwd(x, kernel):
 def _conv4x4_s2_bwd(residuals, dy):
   x, kernel = residuals
   # The input gradient is the transpose of the convolution in x (no primal
-  # recomputed, which jax.vjp would trace).
-  dx, = jax.linear_transpose(lambda x: _conv4x4_s2(x, kernel), x)(dy)
+  # recomputed, which jax.vjp would trace), with a copy of the kernel taken
+  # after dy (as in ``_dilated_conv3x3_bwd``).
+  kernel_after = ordering.copied_after(kernel, dy)
+  dx, = jax.linear_transpose(lambda x: _conv4x4_s2(x, kernel_after), x)(dy)
   _, ho, wo, cout = dy.shape
   # Tap (ky, kx) of output pixel p reads padded x at 2p + (ky, kx). Read x
   # through dy so that the patches live in the backward pass only.
