@@ -16,7 +16,7 @@ single-tensor SGD does for a parameter listed ``repeats`` times in one group
 optimiser groups (docs: REFERENCE.md, "QUIRK").
 """
 import re
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import flax
 import jax
@@ -105,7 +105,7 @@ class SGDState(NamedTuple):
 
 
 def sgd(learning_rate, momentum: float, weight_decay: float, repeats: int = 1,
-        nesterov: bool = False):
+        nesterov: bool = False, in_order: Optional[bool] = None):
   """torch's SGD (momentum, weight decay ``g + weight_decay * p`` before it,
   optional Nesterov), applied ``repeats`` times per step with the same
   gradient.
@@ -121,15 +121,20 @@ def sgd(learning_rate, momentum: float, weight_decay: float, repeats: int = 1,
   sgd(learning_rate, momentum, nesterov))`` update, bit for bit.
   ``learning_rate`` is a float or a schedule of the step count.
 
-  Written out rather than composed from optax for XLA:CPU's memory: the
+  Written out rather than composed from optax for XLA:CPU's memory: with
+  ``in_order`` (default: when JAX's default backend is the CPU) the
   parameters are updated one after the other, once every gradient exists
   (each one's scalars depend on the previous one's results). XLA:CPU
   materialises a full-size broadcast of every scalar (its YNNPACK fusions
   take none); without that order it computed the broadcasts, the decayed
   momenta and copies of the parameters at the start of the step and kept
   them to the end, and ran the updates of all parameters side by side
-  (0.15 GiB more at the peak of a ResNet-101 step at 161x161).
+  (0.15 GiB more at the peak of a ResNet-101 step at 161x161). Elsewhere
+  the updates stay independent, for XLA to fuse side by side.
   """
+  if in_order is None:
+    in_order = jax.default_backend() == "cpu"
+
   def init_fn(params):
     return SGDState(count=jnp.zeros([], jnp.int32),
                     momentum=jax.tree.map(jnp.zeros_like, params))
@@ -154,9 +159,9 @@ def sgd(learning_rate, momentum: float, weight_decay: float, repeats: int = 1,
     out, previous = [], grads   # The first leaf waits for every gradient.
     for g, b, p in zip(g_leaves, treedef.flatten_up_to(state.momentum),
                        treedef.flatten_up_to(params)):
-      scalars = ordering.computed_after(
-          (jnp.float32(lr), first, jnp.float32(weight_decay), jnp.float32(momentum)),
-          (g, previous))
+      scalars = (lr, first, weight_decay, momentum)
+      if in_order:
+        scalars = ordering.computed_after(tuple(map(jnp.asarray, scalars)), (g, previous))
       previous = leaf(g, b, p, *scalars)
       out.append(previous)
     updates = treedef.unflatten([u for u, _ in out])

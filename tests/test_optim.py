@@ -112,16 +112,18 @@ def test_adam_matches_torch_betas():
 
 @pytest.mark.parametrize("nesterov", [False, True])
 @pytest.mark.parametrize("weight_decay", [0.0, 5e-4])
-def test_sgd_is_optax_sgd_bit_for_bit(nesterov, weight_decay):
+@pytest.mark.parametrize("in_order", [True, False])
+def test_sgd_is_optax_sgd_bit_for_bit(nesterov, weight_decay, in_order):
   """``optim.sgd`` with one repeat (written out for XLA:CPU's memory) gives
-  optax's weight decay + SGD exactly, over steps with a decaying rate."""
+  optax's weight decay + SGD exactly, over steps with a decaying rate, with
+  the parameters updated in order (the CPU's default) or side by side."""
   rng = np.random.RandomState(0)
   params = {"a": jnp.asarray(rng.randn(7, 5), jnp.float32),
             "b": jnp.asarray(rng.randn(3), jnp.float32)}
   schedule = optim.poly_schedule(2.5e-2, 100, 0.9)
   ref = optax.chain(optax.add_decayed_weights(weight_decay),
                     optax.sgd(schedule, momentum=0.9, nesterov=nesterov))
-  ours = optim.sgd(schedule, 0.9, weight_decay, nesterov=nesterov)
+  ours = optim.sgd(schedule, 0.9, weight_decay, nesterov=nesterov, in_order=in_order)
   p_ref, p_ours = params, params
   s_ref, s_ours = ref.init(params), ours.init(params)
   for _ in range(4):
