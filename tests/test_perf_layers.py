@@ -50,7 +50,7 @@ def test_summed_dilated_convs_equal_lax_conv():
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
 
 
-def test_shifted_sum_gradient_and_memory():
+def test_shifted_sum_gradient_and_memory(monkeypatch):
   """The ASPP head's shift-and-add: the written-out backward pass gives
   autodiff's gradient, and XLA plans a small fraction of autodiff's memory
   for the head's gradient (which padded every tap's gradient to full size)."""
@@ -69,7 +69,7 @@ def test_shifted_sum_gradient_and_memory():
   x = jax.random.normal(jax.random.PRNGKey(1), (2, h, w, c))
   kernels = [jnp.full((3, 3, c, k), 0.01) for _ in range(4)]
 
-  def temp_bytes(shifted_sum, monkeypatch=pytest.MonkeyPatch()):
+  def temp_bytes(shifted_sum):
     with monkeypatch.context() as m:
       m.setattr(layers, "shifted_sum", shifted_sum)
       loss = lambda x, ks: jnp.sum(jnp.sin(layers.summed_dilated_convs(

@@ -519,9 +519,14 @@ def summed_dilated_convs(x, kernels, biases, dilations, dtype=jnp.float32):
   return out + sum(biases).astype(dtype)
 
 
+def _reach(offsets):
+  """(rows, columns): the largest offset each way, the padding a shift needs."""
+  return tuple(max(abs(o[i]) for o in offsets) for i in (0, 1))
+
+
 def _shifted_sum(y, offsets):
   n, h, w = y.shape[:3]
-  ph, pw = (max(abs(o[i]) for o in offsets) for i in (0, 1))
+  ph, pw = _reach(offsets)
   y = jnp.pad(y, ((0, 0), (ph, ph), (pw, pw), (0, 0), (0, 0)))
   return sum(y[:, ph + dy:ph + dy + h, pw + dx:pw + dx + w, t]
              for t, (dy, dx) in enumerate(offsets))
@@ -545,7 +550,7 @@ def _shifted_sum_fwd(y, offsets):
 
 def _shifted_sum_bwd(offsets, _, g):
   n, h, w = g.shape[:3]
-  ph, pw = (max(abs(o[i]) for o in offsets) for i in (0, 1))
+  ph, pw = _reach(offsets)
   g = jnp.pad(g, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
   return (jnp.stack([g[:, ph - dy:ph - dy + h, pw - dx:pw - dx + w] for dy, dx in offsets],
                     axis=3),)
