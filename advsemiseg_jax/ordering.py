@@ -15,12 +15,26 @@ def computed_after(x, tree):
   ``tree``, so that XLA computes the whole of ``tree`` before anything that
   uses the result.
 
-  ``x + sum(0 * one element of each leaf)`` (one sum, added to each leaf of
-  ``x``); ``nan_to_num`` keeps a non-finite leaf from reaching ``x``.
+  ``x + sum(0 * the larger of the first two elements of each leaf)`` (one
+  sum, added to each leaf of ``x``); ``nan_to_num`` keeps a non-finite leaf
+  from reaching ``x``.
+
+  The element is read through a reduction, which XLA does not fuse into the
+  reduction's users. A single element would be a slice, and XLA recomputes a
+  sliced element inside each user: a chain of ties (``optim.sgd``'s updates
+  in order, each tied to the one before) then recomputed every earlier link
+  in every fusion, quadratic in the chain's length. Without the YNNPACK
+  fusions that hid the chain, a ResNet-101 step had 0.94 million HLO
+  instructions, compiled in 2.4 minutes and held 2.8 GiB.
   """
-  zero = sum(jnp.nan_to_num(leaf.reshape(-1)[0]).astype(jnp.float32) * 0
-             for leaf in jax.tree.leaves(tree))
+  zero = sum(_zero_of(leaf) for leaf in jax.tree.leaves(tree))
   return jax.tree.map(lambda leaf: leaf + zero.astype(leaf.dtype), x)
+
+
+def _zero_of(leaf):
+  """0.0 (float32) that depends on ``leaf``: see ``computed_after``."""
+  first = jnp.max(leaf.reshape(-1)[:2])
+  return jnp.nan_to_num(first.astype(jnp.float32)) * 0
 
 
 def copied_after(x, tree):

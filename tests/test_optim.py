@@ -134,3 +134,22 @@ def test_sgd_is_optax_sgd_bit_for_bit(nesterov, weight_decay, in_order):
     p_ours = optax.apply_updates(p_ours, u)
   for a, b in zip(jax.tree.leaves(p_ref), jax.tree.leaves(p_ours)):
     np.testing.assert_array_equal(a, b)
+
+
+def _compiled_size(n_leaves: int) -> int:
+  """HLO instructions of one in-order ``optim.sgd`` update of ``n_leaves``
+  parameters (the test process runs without the YNNPACK fusions, which used
+  to hide the chain)."""
+  params = {f"p{i:03d}": jnp.ones((8, 8 + i % 3)) for i in range(n_leaves)}
+  tx = optim.sgd(0.01, 0.9, 5e-4, in_order=True)
+  text = jax.jit(tx.update).lower(params, tx.init(params), params).compile().as_text()
+  return sum(" = " in line for line in text.splitlines())
+
+
+def test_in_order_sgd_compiles_to_a_linear_program():
+  """Each parameter's update is tied to the one before (``ordering``); XLA
+  must not recompute the chain's earlier links inside every update. It did:
+  twice the parameters gave four times the program (a ResNet-101 step: 0.94
+  million instructions, 2.8 GiB held by the executable)."""
+  small, large = _compiled_size(16), _compiled_size(32)
+  assert large / small < 2.5, (small, large)
