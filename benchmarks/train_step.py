@@ -241,9 +241,9 @@ def describe_machine() -> str:
   return f"{device.device_kind} x{jax.device_count()}"
 
 
-def measure(config, batch_size: int, size, steps: int, warmup: int, profile_steps: int = 0):
-  """Compiles and times the step; returns a dict of the measurements (with
-  ``profile_steps``: also op_profile's summary of that many more steps)."""
+def compile_step(config, batch_size: int, size):
+  """(state, batch, un-jitted step, lowered, compiled, seconds to lower and
+  compile) for ``batch_size`` synthetic images of ``size``."""
   mesh = parallel.make_mesh()
   state, step_fn = build_state(config, config.data.num_classes)
   state = jax.device_put(state, parallel.replicated(mesh))
@@ -252,7 +252,13 @@ def measure(config, batch_size: int, size, steps: int, warmup: int, profile_step
   start = time.perf_counter()
   lowered = jitted.lower(state, batch)
   compiled = lowered.compile()
-  compile_s = time.perf_counter() - start
+  return state, batch, step_fn, lowered, compiled, time.perf_counter() - start
+
+
+def measure(config, batch_size: int, size, steps: int, warmup: int, profile_steps: int = 0):
+  """Compiles and times the step; returns a dict of the measurements (with
+  ``profile_steps``: also op_profile's summary of that many more steps)."""
+  state, batch, step_fn, lowered, compiled, compile_s = compile_step(config, batch_size, size)
   step_jaxpr = jax.make_jaxpr(step_fn)(state, batch).jaxpr
   analytic, in_bounds = jaxpr_flops(step_jaxpr), jaxpr_flops(step_jaxpr, in_bounds=True)
   generator = models.build_generator(config.model, config.data.num_classes)
@@ -297,6 +303,9 @@ def main(argv=None):
                       help="measure an n x n matmul in the compute dtype as the peak")
   parser.add_argument("--profile", type=int, default=0,
                       help="then trace this many more steps and print where their time goes")
+  parser.add_argument("--compile_only", action="store_true",
+                      help="lower and compile the step, print the time, stop (with "
+                           "JAX_COMPILATION_CACHE_DIR set: fills the cache for later runs)")
   parser.add_argument("--xla_cpu_tuning", type=int, default=1,
                       help="1: add parallel.CPU_XLA_FLAGS (as main.py does)")
   args = parser.parse_args(argv)
@@ -309,6 +318,12 @@ def main(argv=None):
     config.loss.semi_start = 0
   batch = args.batch or config.data.batch_size
   size = (args.size, args.size) if args.size else tuple(config.data.crop_size)
+  if args.compile_only:
+    compile_s = compile_step(config, batch, size)[-1]
+    cache = jax.config.jax_compilation_cache_dir or "none"
+    print(f"compiled {args.config} {' '.join(args.set)} on {describe_machine()} in "
+          f"{compile_s:.1f} s (persistent compilation cache: {cache})")
+    return dict(compile_s=compile_s)
   r = measure(config, batch, size, args.steps, args.warmup, args.profile)
 
   t = r["times"]
