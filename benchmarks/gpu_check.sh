@@ -2,7 +2,7 @@
 # The GPU measurements of docs/performance.md, in one go (one machine start):
 #   bash benchmarks/gpu_check.sh        # VOC config: ResNet-101, 321x321, batch 10, semi on
 #   CONFIG=configs/voc.py:quick SIZE=65 BATCH=2 STEPS=2 VS_ARGS="--backbone=tiny --width=8" \
-#     bash benchmarks/gpu_check.sh      # CPU smoke run
+#     ONLY="bf16 f32" DTYPES=float32 bash benchmarks/gpu_check.sh   # CPU smoke run
 #
 # Runs benchmarks/train_step.py in bfloat16, in float32, in bfloat16 without
 # XLA's command buffers (with --profile: every kernel attributed to its op),
@@ -61,7 +61,11 @@ VARIANTS=(
   "bf16_remat3||--set=model.compute_dtype=bfloat16 --set=model.remat_stages=3"
   "bf16_sequential||--set=model.compute_dtype=bfloat16 --set=optim.sequential_passes=true"
 )
-DTYPES=bfloat16,float32
+if [[ -n ${ONLY:-} ]]; then   # ONLY="bf16 f32": just these variants
+  kept=(); for v in "${VARIANTS[@]}"; do [[ " $ONLY " == *" ${v%%|*} "* ]] && kept+=("$v"); done
+  VARIANTS=("${kept[@]}")
+fi
+DTYPES=${DTYPES:-bfloat16,float32}
 
 left() { echo $(( DEADLINE - (SECONDS - START) )); }
 capped() {  # capped SECONDS command...: at most SECONDS, and never past the deadline
@@ -81,19 +85,22 @@ vs_torch_args=(--size="$SIZE" --batch="$BATCH" --conv_impl=auto --xla_cpu_tuning
 
 echo "=== phase 1: every step compiled at once into $JAX_COMPILATION_CACHE_DIR"
 PHASE1=$(mktemp -d)
+pids=()   # (a plain `wait` would also wait for the tee above)
 for v in "${VARIANTS[@]}"; do
   IFS='|' read -r name flags rest <<< "$v"
   # shellcheck disable=SC2086
   XLA_PYTHON_CLIENT_PREALLOCATE=false train_step "$flags" $rest --compile_only \
     > "$PHASE1/$name.log" 2>&1 &
+  pids+=($!)
 done
 if $PY -c "import torch" 2>/dev/null; then
   for d in ${DTYPES//,/ }; do   # vs_torch's JAX workers: they compile, then read no steps
     XLA_PYTHON_CLIENT_PREALLOCATE=false capped "$RUN_TIMEOUT" $PY benchmarks/vs_torch.py \
       --worker=jax --dtype="$d" "${vs_torch_args[@]}" < /dev/null > "$PHASE1/vs_torch_$d.log" 2>&1 &
+    pids+=($!)
   done
 fi
-wait
+wait "${pids[@]}"
 for f in "$PHASE1"/*.log; do echo "--- $(basename "$f" .log)"; tail -3 "$f"; done
 echo "phase 1 took $(( SECONDS - START )) s"
 
