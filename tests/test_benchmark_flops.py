@@ -50,3 +50,22 @@ def test_train_step_within_five_percent_of_xla(bench, quick_config):
   assert in_bounds < bench.jaxpr_flops(jaxpr)
   ratio = bench.xla_flops(jax.jit(step_fn).lower(state, batch)) / in_bounds
   assert 1.0 <= ratio <= 1.05, ratio
+
+
+def test_compile_only_fills_the_persistent_compilation_cache(tmp_path):
+  """``--compile_only`` (gpu_check.sh's phase 1) compiles the step into
+  JAX_COMPILATION_CACHE_DIR and stops before any step runs."""
+  import os
+  import subprocess
+  import sys
+  from conftest import ROOT
+  cache = tmp_path / "xla_cache"
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PLATFORMS="cpu")
+  command = [sys.executable, str(ROOT / "benchmarks" / "train_step.py"),
+             "--config=configs/demo.py:quick", "--size=33", "--batch=1", "--compile_only",
+             "--xla_cpu_tuning=0"]
+  first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+  assert f"persistent compilation cache: {cache}" in first.stdout, first.stdout
+  assert "step time" not in first.stdout   # nothing was run
+  steps = [p for p in os.listdir(cache) if p.startswith("jit_train_step")]
+  assert len(steps) == 1, os.listdir(cache)
