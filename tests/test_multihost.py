@@ -4,17 +4,14 @@ write Orbax checkpoints together and, when the newest is damaged, both skip
 it and resume from the same earlier step.
 
 Compared are the CHANGES of every variable over the three steps, per tensor
-as max|two processes - one| / max|one process's change|. The sums over the
-batch run in another order across two devices, and the tiny network's BN
-(channels of near-zero variance, lr 0.02) amplifies that to about 1% of a
-step's change by the third step (measured: 0.9% at most); a wrong shard, a
-missing all-reduce or a doubled batch moves the variables by the order of
-the change itself.
+as max|two processes - one| / max|one process's change|
+(test_step.assert_same_updates, whose UPDATE_TOL says what was measured),
+at test_step.PARITY_LR_G.
+The last step's loss agrees to 1e-3 relative (measured: 1e-4 on an AVX2 EPYC).
 
-Both sides run with ``model.conv_impl=xla``: with the CPU's ``dot`` (the
-``auto`` default here) the same rounding grows to about 3.4% of a step's change
-by the third step (measured), which would need a tolerance too loose to mean
-much. The ``dot`` path on several devices is checked by
+Both sides run with ``model.conv_impl=xla``, so that XLA's own convolutions
+are covered across processes; the ``dot`` path (the ``auto`` default on a
+CPU) on several devices is checked by
 test_step.py::test_eight_devices_equal_one_device.
 """
 import os
@@ -30,12 +27,11 @@ from advsemiseg_jax import parallel
 from advsemiseg_jax.config import load_config
 from advsemiseg_jax.train import build_training
 
-from test_step import fixed_batch
+from test_step import PARITY_LR_G, assert_same_updates, fixed_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
 BATCH = 8
-TOL = 3e-2
 
 PROCESS_SCRIPT = textwrap.dedent("""
     import sys
@@ -50,6 +46,7 @@ PROCESS_SCRIPT = textwrap.dedent("""
     assert jax.process_count() == 2 and jax.device_count() == 2, jax.devices()
     config = load_config({root!r} + "/configs/demo.py:quick")
     config.model.conv_impl = "xla"
+    config.optim.lr_g = {lr_g}
     mesh = parallel.make_mesh()
     _, _, state, step_fn = build_training(config, config.data.num_classes)
     state = jax.device_put(state, parallel.replicated(mesh))
@@ -88,6 +85,7 @@ def free_port():
 def single_process_run():
   config = load_config(os.path.join(ROOT, "configs/demo.py:quick"))
   config.model.conv_impl = "xla"
+  config.optim.lr_g = PARITY_LR_G
   mesh = parallel.make_mesh(jax.devices()[:1])
   _, _, state, step_fn = build_training(config, config.data.num_classes)
   initial = [np.asarray(x) for x in jax.tree.leaves(state)]
@@ -107,7 +105,7 @@ def test_two_processes_equal_one(tmp_path):
   procs = []
   for pid in range(2):
     script = PROCESS_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, "tests"),
-                                   address=address, pid=pid, half=BATCH // 2,
+                                   address=address, pid=pid, half=BATCH // 2, lr_g=PARITY_LR_G,
                                    batch=BATCH, steps=STEPS, workdir=str(tmp_path / "w"),
                                    out=str(tmp_path / f"process{pid}.npz"))
     procs.append(subprocess.Popen([sys.executable, "-c", script], env=env, text=True,
@@ -122,9 +120,6 @@ def test_two_processes_equal_one(tmp_path):
   initial, expected, loss = single_process_run()
   for pid in range(2):
     got = np.load(tmp_path / f"process{pid}.npz")
-    np.testing.assert_allclose(got["loss_g"], loss, rtol=1e-5)
+    np.testing.assert_allclose(got["loss_g"], loss, rtol=1e-3)
     assert len(expected) == len(got.files) - 1
-    for i, (before, after) in enumerate(zip(initial, expected)):
-      change = np.abs(after - before).max()
-      error = np.abs(got[f"arr_{i}"] - after).max()
-      assert error <= TOL * change + 1e-7, (pid, i, after.shape, error, change)
+    assert_same_updates(initial, expected, [got[f"arr_{i}"] for i in range(len(expected))])

@@ -106,6 +106,10 @@ def test_sigterm_during_startup_exits_at_once(tmp_path):
   sent = time.time()
   proc.send_signal(signal.SIGTERM)
   assert proc.wait(timeout=60) == 0, open(proc.log_path).read()[-3000:]
-  assert time.time() - sent < 5, open(proc.log_path).read()[-3000:]
+  # Seconds, not the minute a compile would take: the watcher thread needs
+  # the GIL, which a C call (a shared library loading during an import) can
+  # hold for a few seconds on a loaded 2-core machine (5.0 s measured once
+  # while the other test worker compiled).
+  assert time.time() - sent < 15, open(proc.log_path).read()[-3000:]
   assert "nothing new to save" in open(proc.log_path).read()
   assert not finished_steps(workdir)
