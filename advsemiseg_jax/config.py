@@ -106,9 +106,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.iter_size = 1
   # S's unlabeled gradient is computed before the labeled pass starts (as the
   # authors' two backward() calls): the two passes' activations are never
-  # alive together. Less memory (CPU, 321x321, batch 2: XLA's temporaries
-  # 3.51 -> 2.32 GiB), less overlap (on 2 cores: -1% to +13% step time).
-  c.optim.sequential_passes = False
+  # alive together. None (auto): on for a CPU, off elsewhere (not measured
+  # there) | True | False. CPU, ResNet-101, batch 2: peak RSS 4.76 -> 3.44 GiB
+  # at 321x321 and 2.12 -> 1.91 at 161, step time -1% and +1%
+  # (docs/performance.md). Same result up to rounding.
+  c.optim.sequential_passes = ml_collections.config_dict.placeholder(bool)
 
   c.eval_every = 1000             # steps between evaluations (0 = only at the end)
   c.checkpoint_every = 1000

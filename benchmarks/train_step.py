@@ -45,6 +45,12 @@ from benchmarks.machine import cpu_model, max_rss_bytes  # noqa: E402
 
 def parse_value(text: str, old):
   """A ``--set`` value in the type of the field it replaces."""
+  if old is None:   # An unset placeholder, e.g. optim.sequential_passes (auto).
+    words = {"1": True, "true": True, "yes": True, "0": False, "false": False,
+             "no": False, "none": None, "auto": None}
+    if text.lower() in words:
+      return words[text.lower()]
+    raise ValueError(f"{text!r}: an unset field takes true, false or auto")
   if isinstance(old, bool):
     return text.lower() in ("1", "true", "yes")
   if isinstance(old, (tuple, list)):
@@ -345,7 +351,7 @@ def main(argv=None):
                f"conv_impl {models.resolve_conv_impl(config.model.conv_impl)}, "
                f"bn_backward {models.resolve_bn_backward(config.model.bn_backward)}, "
                f"remat {tuple(config.model.remat_stages)}, iter_size {config.optim.iter_size}, "
-               f"sequential passes {'on' if config.optim.sequential_passes else 'off'}, "
+               f"sequential passes {'on' if build.resolve_sequential_passes(config.optim.sequential_passes) else 'off'}, "
                f"unlabeled branch {'on' if uses_unlabeled(config.loss) else 'off'}"),
       ("compile", f"{r['compile_s']:.1f} s"),
       ("step time, median", f"{median * 1e3:.1f} ms over {len(t)} steps "

@@ -69,3 +69,19 @@ def test_compile_only_fills_the_persistent_compilation_cache(tmp_path):
   assert "step time" not in first.stdout   # nothing was run
   steps = [p for p in os.listdir(cache) if p.startswith("jit_train_step")]
   assert len(steps) == 1, os.listdir(cache)
+
+
+def test_set_parses_values_in_the_fields_type(bench, quick_config):
+  """train_step.py --set: a value takes the type of the field it replaces;
+  an unset placeholder (optim.sequential_passes, auto) takes true, false or
+  auto, and anything else fails naming the value."""
+  bench.apply_overrides(quick_config, ["optim.sequential_passes=true", "optim.lr_g=0.5",
+                                       "model.remat_stages=3,4", "model.conv_impl=xla"])
+  assert quick_config.optim.sequential_passes is True
+  assert quick_config.optim.lr_g == 0.5
+  assert tuple(quick_config.model.remat_stages) == (3, 4)
+  assert quick_config.model.conv_impl == "xla"
+  assert bench.parse_value("auto", None) is None
+  assert bench.parse_value("False", None) is False
+  with pytest.raises(ValueError, match="'maybe'"):
+    bench.parse_value("maybe", None)

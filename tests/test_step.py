@@ -187,3 +187,26 @@ def test_sequential_passes_same_step_in_less_memory(quick_config):
   for key in ("loss_ce", "loss_adv", "loss_semi", "loss_semi_adv", "loss_g", "loss_d"):
     np.testing.assert_allclose(fused[2][key], seq[2][key], rtol=1e-5, err_msg=key)
   assert seq_temp < 0.85 * fused_temp, (seq_temp, fused_temp)
+
+
+def test_sequential_passes_auto_is_on_for_a_cpu_only(quick_config, monkeypatch):
+  """optim.sequential_passes defaults to None (auto): on for a CPU, where it
+  was measured to need less memory for about the same time, off elsewhere;
+  an explicit True or False is kept on every platform, and build_training
+  hands the resolved value to the step."""
+  from advsemiseg_jax import build
+  assert quick_config.optim.sequential_passes is None
+  assert build.resolve_sequential_passes(None, "cpu") is True
+  assert build.resolve_sequential_passes(None, "gpu") is False
+  assert build.resolve_sequential_passes(None, "tpu") is False
+  for explicit in (True, False):
+    for backend in ("cpu", "gpu", "tpu"):
+      assert build.resolve_sequential_passes(explicit, backend) is explicit
+  seen = []
+  real = build.make_train_step
+  monkeypatch.setattr(build, "make_train_step",
+                      lambda *a, **kw: seen.append(kw["sequential_passes"]) or real(*a, **kw))
+  build.build_training(quick_config, quick_config.data.num_classes)
+  quick_config.optim.sequential_passes = False
+  build.build_training(quick_config, quick_config.data.num_classes)
+  assert seen == [jax.default_backend() == "cpu", False]
