@@ -99,7 +99,7 @@ def jax_worker(args):
   config.unlock()
   config.model.backbone, config.model.width = args.backbone, args.width
   config.model.compute_dtype, config.model.conv_impl = args.dtype, args.conv_impl
-  config.optim.sequential_passes = args.sequential_passes == "1"
+  config.optim.sequential_passes = SEQUENTIAL_PASSES[args.sequential_passes]
   config.model.remat_stages = remat_stages(args.remat_stages)
   config.loss.semi_start = 0
   mesh = parallel.make_mesh(jax.devices()[:1])
@@ -191,6 +191,10 @@ class Worker:
     self.proc.wait()
 
 
+# --sequential_passes: auto is the config's default (None: on for a CPU).
+SEQUENTIAL_PASSES = {"auto": None, "0": False, "1": True}
+
+
 def remat_stages(digits: str):
   """``--remat_stages`` names stages by their digits: ``34`` is (3, 4), ``0``
   none."""
@@ -212,8 +216,9 @@ def main():
   parser.add_argument("--dtype", default="float32")
   parser.add_argument("--conv_impl", default="dot", help="JAX model.conv_impl")
   parser.add_argument("--xla_cpu_tuning", type=int, default=1)
-  parser.add_argument("--sequential_passes", default="0",
-                      help="JAX optim.sequential_passes: 0, 1, or 0,1 for a row of each")
+  parser.add_argument("--sequential_passes", default="auto",
+                      help="JAX optim.sequential_passes: auto (the default: on for a CPU, "
+                           "off elsewhere), 0, 1, or e.g. 0,1 for a row of each")
   parser.add_argument("--remat_stages", default="0",
                       help="JAX model.remat_stages as digits (0: none, 3: (3,), 1234: all), "
                            "comma-separated for a row of each")
@@ -222,6 +227,9 @@ def main():
                            "of each; an empty variant keeps the defaults), e.g. "
                            "'|--xla_cpu_experimental_ynn_fusion_type=+eltwise,+dot'")
   args = parser.parse_args()
+  for seq in args.sequential_passes.split(","):
+    if seq not in SEQUENTIAL_PASSES:
+      parser.error(f"--sequential_passes: {seq!r} is none of {', '.join(SEQUENTIAL_PASSES)}")
   if not args.worker:  # Both workers inherit the allocator, as main.py's would.
     allocator.reexec_with_tcmalloc()
   if args.worker == "torch":
@@ -253,7 +261,8 @@ def main():
         f"{args.size}x{args.size}, batch {args.batch}, semi on\n")
   print(f"machine: {cpu_model()}; load average before {load_before[0]:.2f}, "
         f"after {os.getloadavg()[0]:.2f}; allocator (both) {allocator.active()}; torch threads {args.threads or os.cpu_count()}; "
-        f"JAX conv_impl={args.conv_impl}, XLA CPU flags {'on' if args.xla_cpu_tuning else 'off'}; "
+        f"JAX conv_impl={args.conv_impl}, XLA CPU flags {'on' if args.xla_cpu_tuning else 'off'}, "
+        f"sequential passes where a row does not say: auto (on for a CPU); "
         f"{args.rounds} alternating rounds after {args.warmup} warm-up; "
         f"devices: torch {torch_w.device or 'CPU'}, JAX "
         f"{', '.join(sorted({w.device or 'CPU' for w in jax_ws.values()}))}\n")
@@ -269,7 +278,8 @@ def main():
         + ("---|---|" if on_gpu else ""))
   print(f"| torch float32 | {med(torch_w):.3f} | {spread(torch_w)} | 1.00 | {gib(torch_w)} |")
   for (dtype, seq, rs, flags), w in jax_ws.items():
-    name = f"JAX {dtype}" + (", sequential passes" if seq == "1" else "")
+    name = f"JAX {dtype}" + {"1": ", sequential passes", "0": ", fused passes",
+                             "auto": ""}[seq]
     if remat_stages(rs):
       name += f", remat stages {remat_stages(rs)}"
     if flags:

@@ -28,3 +28,13 @@ def test_vs_torch_prints_a_row_per_xla_flags_variant():
     assert float(median) > 0 and re.fullmatch(r"[\d.]+-[\d.]+", spread)
     assert float(ratio) > 0
   assert rows[0].split(" | ")[3] == "1.00"
+
+
+def test_vs_torch_rejects_an_unknown_sequential_passes_value_at_once():
+  """--sequential_passes takes auto, 0 and 1 (comma-separated): anything else
+  fails before a worker starts, naming the value."""
+  out = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", "vs_torch.py"),
+       "--sequential_passes=0,yes"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+  assert out.returncode == 2
+  assert "'yes' is none of auto, 0, 1" in out.stderr
