@@ -43,16 +43,18 @@ from benchmarks import op_profile  # noqa: E402
 from benchmarks.machine import cpu_model, max_rss_bytes  # noqa: E402
 
 
+TRUE_WORDS, FALSE_WORDS, AUTO_WORDS = ("1", "true", "yes"), ("0", "false", "no"), ("none", "auto")
+
+
 def parse_value(text: str, old):
   """A ``--set`` value in the type of the field it replaces."""
+  word = text.lower()
   if old is None:   # An unset placeholder, e.g. optim.sequential_passes (auto).
-    words = {"1": True, "true": True, "yes": True, "0": False, "false": False,
-             "no": False, "none": None, "auto": None}
-    if text.lower() in words:
-      return words[text.lower()]
-    raise ValueError(f"{text!r}: an unset field takes true, false or auto")
+    if word not in TRUE_WORDS + FALSE_WORDS + AUTO_WORDS:
+      raise ValueError(f"{text!r}: an unset field takes true, false or auto")
+    return None if word in AUTO_WORDS else word in TRUE_WORDS
   if isinstance(old, bool):
-    return text.lower() in ("1", "true", "yes")
+    return word in TRUE_WORDS
   if isinstance(old, (tuple, list)):
     return tuple(int(v) for v in text.split(",") if v) if text else ()
   return type(old)(text)

@@ -99,7 +99,7 @@ def jax_worker(args):
   config.unlock()
   config.model.backbone, config.model.width = args.backbone, args.width
   config.model.compute_dtype, config.model.conv_impl = args.dtype, args.conv_impl
-  config.optim.sequential_passes = SEQUENTIAL_PASSES[args.sequential_passes]
+  config.optim.sequential_passes = SEQUENTIAL_PASSES[args.sequential_passes][0]
   config.model.remat_stages = remat_stages(args.remat_stages)
   config.loss.semi_start = 0
   mesh = parallel.make_mesh(jax.devices()[:1])
@@ -191,8 +191,10 @@ class Worker:
     self.proc.wait()
 
 
-# --sequential_passes: auto is the config's default (None: on for a CPU).
-SEQUENTIAL_PASSES = {"auto": None, "0": False, "1": True}
+# --sequential_passes: (optim.sequential_passes, what the row's name adds);
+# auto is the config's default (None: on for a CPU).
+SEQUENTIAL_PASSES = {"auto": (None, ""), "0": (False, ", fused passes"),
+                     "1": (True, ", sequential passes")}
 
 
 def remat_stages(digits: str):
@@ -278,8 +280,7 @@ def main():
         + ("---|---|" if on_gpu else ""))
   print(f"| torch float32 | {med(torch_w):.3f} | {spread(torch_w)} | 1.00 | {gib(torch_w)} |")
   for (dtype, seq, rs, flags), w in jax_ws.items():
-    name = f"JAX {dtype}" + {"1": ", sequential passes", "0": ", fused passes",
-                             "auto": ""}[seq]
+    name = f"JAX {dtype}" + SEQUENTIAL_PASSES[seq][1]
     if remat_stages(rs):
       name += f", remat stages {remat_stages(rs)}"
     if flags:
