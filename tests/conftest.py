@@ -37,3 +37,9 @@ def load_benchmark(name: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def hlo_instructions(compiled) -> int:
+  """HLO instructions of a compiled jax function (fused computations'
+  included): what the executable's in-memory size grows with."""
+  return sum(" = " in line for line in compiled.as_text().splitlines())

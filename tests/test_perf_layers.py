@@ -9,6 +9,7 @@ from jax import lax
 
 from advsemiseg_jax import build, parallel
 from advsemiseg_jax.models import DeepLabV2, layers
+from conftest import hlo_instructions
 
 
 def _sin_loss_gradients(model, variables, x):
@@ -304,8 +305,7 @@ def test_block_outputs_are_computed_once_not_in_each_user():
   fusions) grew with the square of the depth (per block, 1049 instructions
   from 4 to 8 blocks and 1277 from 8 to 16; now 841 and 841)."""
   def instructions(blocks):
-    text = _bottleneck_stack_gradient(blocks, planes=4).as_text()
-    return sum(" = " in line for line in text.splitlines())
+    return hlo_instructions(_bottleneck_stack_gradient(blocks, planes=4))
 
   four, eight, sixteen = instructions(4), instructions(8), instructions(16)
   early, late = (eight - four) / 4, (sixteen - eight) / 8
