@@ -398,16 +398,18 @@ def _dilated_conv3x3_bwd(dilation, residuals, dy):
   # made here depends on dy and lives in the backward pass only.
   padded = jnp.pad(dy, ((0, 0), (d, d), (d, d), (0, 0)))
   x_flat = x.reshape(n * h * w, cin)
+  # Each tap's gradient as x^T dy, (cin, cout): the kernel's own layout, so
+  # no transpose follows (dy^T x cost 99 transposes per 161 step).
   taps = []
   for _, (oy, ox), inside in tap_offsets(d, h, w):
     if not inside:
-      taps.append(jnp.zeros((cout, cin), jnp.float32))
+      taps.append(jnp.zeros((cin, cout), jnp.float32))
       continue
     shifted = padded[:, d - oy:d - oy + h, d - ox:d - ox + w, :]
-    taps.append(lax.dot_general(shifted.reshape(n * h * w, cout), x_flat,
+    taps.append(lax.dot_general(x_flat, shifted.reshape(n * h * w, cout),
                                 (((0,), (0,)), ((), ())),
                                 preferred_element_type=jnp.float32))
-  dkernel = jnp.stack(taps).reshape(3, 3, cout, cin).swapaxes(2, 3)
+  dkernel = jnp.stack(taps).reshape(3, 3, cin, cout)
   return dx, dkernel.astype(kernel.dtype)
 
 
