@@ -324,6 +324,21 @@ def test_bottleneck_keeps_what_torch_keeps_for_the_backward_pass():
   assert per_block <= 1.25 * torch_keeps, per_block / torch_keeps
 
 
+@pytest.mark.parametrize("shape", [(2, 9, 9, 3), (1, 10, 7, 5), (3, 8, 13, 4)])
+def test_conv4x4_s2_input_gradient_is_xlas(shape):
+  """``conv4x4_s2``'s input gradient (one stride-1 convolution into the
+  input's four phases) equals the transpose of XLA's strided convolution, for
+  odd, even and non-square maps."""
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  kernel = jax.random.normal(jax.random.PRNGKey(1), (4, 4, shape[-1], 6))
+  y, vjp = jax.vjp(lambda x: layers.conv4x4_s2(x, kernel), x)
+  dy = jax.random.normal(jax.random.PRNGKey(2), y.shape)
+  _, xla_vjp = jax.vjp(lambda x: layers._conv4x4_s2(x, kernel), x)
+  got, want = jax.jit(vjp)(dy)[0], jax.jit(xla_vjp)(dy)[0]
+  assert got.shape == x.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
 @pytest.mark.parametrize("size", [37, 40])
 def test_discriminator_dot_matches_xla(size):
   """conv_impl=dot's D (kernel gradients as one GEMM per layer): same
