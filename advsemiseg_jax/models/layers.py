@@ -446,9 +446,10 @@ def _conv4x4_s2_input_gradient(dy, kernel, x_shape):
   taps 1 and 3. So phase ``(a, b)`` at ``m`` is a 2x2 correlation of ``dy``
   with ``K[a + 2 (1 - t)]`` at offset ``t``; the four phases are the output
   channels of one convolution, interleaved (depth to space) and cropped to
-  the input. XLA's own transposed convolution (an input-dilated one) ran 2-5x
-  slower on XLA:CPU for D's layers (78.9 -> 17.9 ms for the first layer's at
-  321x321, batch 2). Same values up to rounding."""
+  the input. XLA's own transposed convolution (an input-dilated one) ran up
+  to 4.4x slower on XLA:CPU for D's layers (78.9 against 17.9 ms for the
+  first layer's at 321x321, batch 2; about even for the fourth's). Same
+  values up to rounding."""
   n, h, w, cin = x_shape
   _, ho, wo, cout = dy.shape
   # kernel[2 oy + a, 2 ox + b, ci, co] -> w2[1 - oy, 1 - ox, co, (a, b, ci)]
