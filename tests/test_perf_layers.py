@@ -206,6 +206,38 @@ def test_xla_flags_added_but_user_setting_kept(monkeypatch):
   assert parallel.set_default_xla_flags(enable=False) == ""
 
 
+@pytest.mark.parametrize("widths", [(8,), (40,), (16, 16, 16)])
+def test_kernel_gradients_are_products_xla_cannot_fold(widths, monkeypatch):
+  """``kernel_gradients`` gives ``x^T dy`` for one narrower output gradient
+  (``dy^T`` written out), one wider one and several (``x^T`` written out
+  once, from a copy of ``x`` read after the first ``dy``); XLA:CPU keeps
+  every product in YNNPACK's layout (the left operand contracting over its
+  last dimension) instead of folding the transposes back into Eigen's."""
+  keys = jax.random.split(jax.random.PRNGKey(0), len(widths) + 1)
+  x = jax.random.normal(keys[0], (96, 24))
+  dys = [jax.random.normal(k, (96, w)) for k, w in zip(keys[1:], widths)]
+  calls, computed_after = [], layers.ordering.computed_after
+
+  def spy(value, tree):
+    calls.append((value.shape, [leaf.shape for leaf in jax.tree.leaves(tree)]))
+    return computed_after(value, tree)
+
+  monkeypatch.setattr(layers.ordering, "computed_after", spy)
+  fn = jax.jit(layers.kernel_gradients)
+  got = fn(x, dys)
+  written_x = widths[0] > x.shape[1] or len(widths) > 1
+  assert calls == ([(x.shape, [dys[0].shape])] if written_x else []), calls
+  for g, tn, dy in zip(got, layers._kernel_gradients_tn(x, dys), dys):
+    want = np.asarray(x, np.float64).T @ np.asarray(dy, np.float64)
+    assert g.shape == want.shape and g.dtype == jnp.float32
+    np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(tn, want, rtol=1e-5, atol=1e-4)
+  hlo = fn.lower(x, dys).compile().as_text()
+  assert hlo.count(" dot(") == len(widths)
+  assert "lhs_contracting_dims={0}" not in hlo
+  assert "lhs_contracting_dims={1}" in hlo
+
+
 @pytest.mark.parametrize("dilation", [1, 2, 5])
 def test_dilated_conv3x3_values_and_gradients_equal_lax_conv(dilation):
   """Map 4x6: with dilation 5 the vertical taps read only padding."""

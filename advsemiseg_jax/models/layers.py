@@ -321,14 +321,66 @@ class DotConv(_ConvAsGemm):
     return conv1x1(x, kernel[0, 0])
 
 
+def kernel_gradients(x, dys):
+  """``[x^T dy for dy in dys]`` in float32, for a (pixels, cin) ``x`` and
+  (pixels, cout) output gradients ``dys``: the kernel gradients of products
+  over channels.
+
+  XLA:CPU runs a product whose operands both contract over their leading
+  dimension on Eigen, at 1.2-1.9x torch's time for ResNet's 1x1 shapes:
+  YNNPACK takes only a left operand whose contracting dimension is last,
+  and XLA folds any transpose into the product's dimension numbers. So on a
+  CPU one operand is transposed and written out, behind optimization
+  barriers that keep XLA from folding it back:
+
+  * one product whose output gradient is at most as wide as ``x``:
+    ``(dy^T x)^T``, ``dy^T`` written out (it exists in the backward pass
+    only) and the small product transposed back;
+  * otherwise ``x^T``, written out once for all the products (a 3x3
+    kernel's nine taps), from a copy of ``x`` that depends on ``dys``
+    (``ordering.computed_after``): written from ``x`` itself, XLA made
+    every layer's during the forward pass and kept it (0.1 GiB more at
+    161x161).
+
+  Alone, against torch's ``x.T @ dy`` (2 cores, ms): 882x1024x256 2.6
+  (Eigen 3.6, torch 2.5); 13778x256x64 3.3 (5.2, 2.8); a layer3 3x3
+  kernel's nine taps at 21x21 5.8 against 7.0. Elsewhere it is one
+  ``dot_general`` each: cuBLAS and TPUs take either layout.
+
+  D's 4x4 kernel gradients (``conv4x4_s2``) stay plain products: with
+  ``dy^T`` written out, two of D's layers ran faster alone (3362x1024x128:
+  9.6 -> 5.4 ms) but XLA planned 35 MiB more for the 161x161 step.
+  """
+  return lax.platform_dependent(x, dys, cpu=_kernel_gradients_cpu,
+                                default=_kernel_gradients_tn)
+
+
+def _tn(x, dy):
+  return lax.dot_general(x, dy, (((0,), (0,)), ((), ())),
+                         preferred_element_type=jnp.float32)
+
+
+def _kernel_gradients_tn(x, dys):
+  return [_tn(x, dy) for dy in dys]
+
+
+def _kernel_gradients_cpu(x, dys):
+  written = lax.optimization_barrier
+  if len(dys) == 1 and dys[0].shape[1] <= x.shape[1]:
+    dyt = written(jnp.transpose(dys[0]))
+    return [jnp.transpose(written(jnp.matmul(dyt, x, preferred_element_type=jnp.float32)))]
+  xt = written(jnp.transpose(written(ordering.computed_after(x, dys[0]))))
+  return [jnp.matmul(xt, dy, preferred_element_type=jnp.float32) for dy in dys]
+
+
 @jax.custom_vjp
 def conv1x1(x, kernel):
   """NHWC ``x`` times a (cin, cout) ``kernel`` over channels, whose backward
-  pass transposes the smaller of ``x`` and the output gradient itself for
-  the kernel gradient (and the kernel for the input gradient). JAX's
-  derivative leaves that to XLA:CPU, which transposed the output gradient,
-  often the larger, in 182 places of the 321 step: 1.07 s of op time, and
-  the step took 4.5% longer. Same values up to rounding."""
+  pass computes the kernel gradient with ``kernel_gradients`` (and
+  transposes the kernel for the input gradient). JAX's derivative leaves
+  the layout to XLA:CPU, which transposed the output gradient, often the
+  larger, in 182 places of the 321 step: 1.07 s of op time, and the step
+  took 4.5% longer. Same values up to rounding."""
   return lax.dot_general(x, kernel, (((3,), (0,)), ((), ())))
 
 
@@ -339,11 +391,7 @@ def _conv1x1_fwd(x, kernel):
 def _conv1x1_bwd(residuals, dy):
   x, kernel = residuals
   dx = dy @ jnp.transpose(kernel)
-  x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-  if x2.shape[1] <= dy2.shape[1]:
-    dkernel = jnp.transpose(x2) @ dy2
-  else:
-    dkernel = jnp.transpose(jnp.transpose(dy2) @ x2)
+  [dkernel] = kernel_gradients(x.reshape(-1, x.shape[-1]), [dy.reshape(-1, dy.shape[-1])])
   return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
 
 
@@ -397,18 +445,14 @@ def _dilated_conv3x3_bwd(dilation, residuals, dy):
   # gradient is sum_q dy[q - o] x[q]: shift dy, not x, so that every copy
   # made here depends on dy and lives in the backward pass only.
   padded = jnp.pad(dy, ((0, 0), (d, d), (d, d), (0, 0)))
-  x_flat = x.reshape(n * h * w, cin)
+  offsets = tap_offsets(d, h, w)
   # Each tap's gradient as x^T dy, (cin, cout): the kernel's own layout, so
   # no transpose follows (dy^T x cost 99 transposes per 161 step).
-  taps = []
-  for _, (oy, ox), inside in tap_offsets(d, h, w):
-    if not inside:
-      taps.append(jnp.zeros((cin, cout), jnp.float32))
-      continue
-    shifted = padded[:, d - oy:d - oy + h, d - ox:d - ox + w, :]
-    taps.append(lax.dot_general(x_flat, shifted.reshape(n * h * w, cout),
-                                (((0,), (0,)), ((), ())),
-                                preferred_element_type=jnp.float32))
+  shifted = [padded[:, d - oy:d - oy + h, d - ox:d - ox + w, :].reshape(n * h * w, cout)
+             for _, (oy, ox), inside in offsets if inside]
+  grads = iter(kernel_gradients(x.reshape(n * h * w, cin), shifted))
+  taps = [next(grads) if inside else jnp.zeros((cin, cout), jnp.float32)
+          for _, _, inside in offsets]
   dkernel = jnp.stack(taps).reshape(3, 3, cin, cout)
   return dx, dkernel.astype(kernel.dtype)
 
@@ -475,8 +519,8 @@ def _conv4x4_s2_bwd(residuals, dy):
   xp = jnp.pad(ordering.computed_after(x, dy), ((0, 0), (1, 1), (1, 1), (0, 0)))
   patches = jnp.stack([xp[:, ky:ky + 2 * ho - 1:2, kx:kx + 2 * wo - 1:2, :]
                        for ky in range(4) for kx in range(4)], axis=3)
-  dkernel = lax.dot_general(patches.reshape(-1, 16 * x.shape[-1]), dy.reshape(-1, cout),
-                            (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  # One plain product (see ``kernel_gradients``).
+  dkernel = _tn(patches.reshape(-1, 16 * x.shape[-1]), dy.reshape(-1, cout))
   return dx, dkernel.reshape(kernel.shape).astype(kernel.dtype)
 
 
@@ -552,7 +596,7 @@ def summed_dilated_convs(x, kernels, biases, dilations, dtype=jnp.float32):
   offsets = list(taps)
   cout = kernels[0].shape[-1]
   mat = jnp.concatenate([taps[o] for o in offsets], axis=1).astype(dtype)
-  y = lax.dot_general(x.astype(dtype), mat, (((3,), (0,)), ((), ())))
+  y = conv1x1(x.astype(dtype), mat)
   out = shifted_sum(y.reshape(n, h, w, len(offsets), cout), tuple(offsets))
   return out + sum(biases).astype(dtype)
 
