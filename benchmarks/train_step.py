@@ -157,6 +157,10 @@ def jaxpr_flops(jaxpr, in_bounds: bool = False, used=None) -> float:
       lhs = eqn.invars[0].aval.shape
       total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod(
           [lhs[d] for d in lhs_contract])
+    elif name == "cond":
+      # One branch runs (``lax.platform_dependent``'s are the same product
+      # per platform): the costliest.
+      total += max(jaxpr_flops(b.jaxpr, in_bounds, flags) for b in eqn.params["branches"])
     else:
       # A call's outputs are its body's (pjit and the like): pass the flags on.
       inner = sum(jaxpr_flops(j, in_bounds, flags if len(j.outvars) == len(flags) and

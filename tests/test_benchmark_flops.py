@@ -38,6 +38,17 @@ def test_conv_counts(bench, size, kernel, stride, dilation):
   assert 0 <= bench.xla_flops(jax.jit(grad).lower(x, w)) - counted <= elementwise
 
 
+def test_a_cond_counts_one_branch(bench):
+  """``lax.platform_dependent`` (as ``layers.kernel_gradients`` uses it) is a
+  cond over the same product per platform; one branch runs."""
+  x, y = jnp.ones((8, 5)), jnp.ones((8, 3))
+  tn = lambda x, y: lax.dot_general(x, y, (((0,), (0,)), ((), ())))
+  f = lambda x, y: lax.platform_dependent(x, y, cpu=lambda x, y: tn(x, y) + 1, default=tn)
+  assert bench.jaxpr_flops(jax.make_jaxpr(f)(x, y).jaxpr) == 2 * 8 * 5 * 3
+  g = lambda p, x, y: lax.cond(p, lambda: x.T @ y, lambda: tn(x @ jnp.ones((5, 5)), y))
+  assert bench.jaxpr_flops(jax.make_jaxpr(g)(True, x, y).jaxpr) == 2 * 8 * 5 * 3 + 2 * 8 * 5 * 5
+
+
 def test_train_step_within_five_percent_of_xla(bench, quick_config):
   """The acceptance check of the speed issue, on the tiny full step (D and
   the unlabeled branch on)."""
