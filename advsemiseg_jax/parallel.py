@@ -104,3 +104,21 @@ def jit_train_step(step_fn, mesh):
   repl = replicated(mesh)
   return jax.jit(step_fn, in_shardings=(repl, batch_sharded(mesh)),
                  out_shardings=(repl, repl), donate_argnums=(0,))
+
+
+def compile_train_step(jitted, state, batch):
+  """``jitted`` (``jit_train_step``'s) compiled ahead of time for ``state``
+  and ``batch``, with JAX's caches cleared before and after.
+
+  The returned ``jax.stages.Compiled`` holds its executable; a training loop
+  never uses what JAX's caches keep to trace or compile again (the
+  initialiser's executable, the step's jaxpr and lowering). On a CPU at
+  ResNet-101, 161x161, batch 2 that was 37 + 31 MiB of the process's memory
+  (docs/performance.md). A call with other shapes or shardings raises instead
+  of compiling again; other jitted functions compile again at their next
+  call.
+  """
+  jax.clear_caches()
+  compiled = jitted.lower(state, batch).compile()
+  jax.clear_caches()
+  return compiled

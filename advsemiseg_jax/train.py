@@ -131,7 +131,9 @@ def _train_and_evaluate(config, workdir: str, preemption):
   results = None
   for step in range(start_step, config.num_steps):
     batch = parallel.to_global(next(batches), trainer.mesh)
-    state, step_metrics = trainer.train_step(state, batch)
+    if step == start_step:
+      train_step = parallel.compile_train_step(trainer.train_step, state, batch)
+    state, step_metrics = train_step(state, batch)
     # From the first step on (compiled, dispatched), SIGTERM saves a checkpoint;
     # before it, there is nothing new to save and SIGTERM exits at once.
     preemption.armed = True

@@ -106,7 +106,7 @@ def jax_worker(args):
   state, step_fn = ts.build_state(config, NUM_CLASSES)
   state = jax.device_put(state, parallel.replicated(mesh))
   batch = parallel.to_global(make_batch(args.batch, args.size), mesh)
-  step = parallel.jit_train_step(step_fn, mesh).lower(state, batch).compile()
+  step = parallel.compile_train_step(parallel.jit_train_step(step_fn, mesh), state, batch)
   plan = ts.xla_plan_bytes(step)
   plan = None if math.isnan(plan) else plan   # JSON's null: "-" in the table
   device = jax.devices()[0]

@@ -6,6 +6,7 @@ import textwrap
 
 import jax
 import numpy as np
+import pytest
 
 from advsemiseg_jax import parallel
 from advsemiseg_jax.data import demo
@@ -78,6 +79,28 @@ def _params_after(config, steps, batch):
     state, metrics = step(state, batch)
     history.append(jax.device_get(state.g_params))
   return history, step
+
+
+def test_compiled_step_matches_the_jitted_one_and_empties_jax_caches(quick_config):
+  """parallel.compile_train_step (what train.py runs): the jitted step's
+  results, JAX's caches emptied (an earlier jitted function keeps no
+  executable), and a batch of another shape raises instead of compiling
+  again."""
+  batch = fixed_batch()
+  expected, _ = _params_after(quick_config, 2, batch)
+  mesh, state, step = _setup(quick_config)
+  probe = jax.jit(lambda x: x + 1)
+  probe(np.zeros(3, np.float32))
+  assert probe._cache_size() == 1
+  global_batch = parallel.to_global(batch, mesh)
+  compiled = parallel.compile_train_step(step, state, global_batch)
+  assert probe._cache_size() == 0
+  for _ in range(2):
+    state, _ = compiled(state, global_batch)
+  for want, have in zip(jax.tree.leaves(expected[-1]), jax.tree.leaves(state.g_params)):
+    np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-7)
+  with pytest.raises((TypeError, ValueError)):
+    compiled(state, parallel.to_global(fixed_batch(n=2), mesh))
 
 
 def test_semi_switches_on_at_semi_start_without_recompiling(quick_config):
