@@ -1,5 +1,10 @@
 """The convolution implementation switch, rematerialisation and XLA flags:
 same parameters and same results as the default implementation."""
+import json
+import os
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,7 +14,7 @@ from jax import lax
 
 from advsemiseg_jax import build, parallel
 from advsemiseg_jax.models import DeepLabV2, layers
-from conftest import hlo_instructions
+from conftest import ROOT, hlo_instructions
 
 
 def _sin_loss_gradients(model, variables, x):
@@ -354,6 +359,57 @@ def test_bottleneck_keeps_what_torch_keeps_for_the_backward_pass():
   per_block = (_bottleneck_stack_temp_bytes(4) - _bottleneck_stack_temp_bytes(2)) / 2
   torch_keeps = 12 * planes * batch * size * size * 4
   assert per_block <= 1.25 * torch_keeps, per_block / torch_keeps
+
+
+def _full_size_arrays_written(text, shape):
+  """The entry computation's instructions, bitcasts and parameters aside,
+  that produce an array of ``shape`` in a compiled function's HLO ``text``:
+  what it writes out at full size."""
+  entry = text[text.index("\nENTRY"):]
+  target = "f32[" + ",".join(map(str, shape)) + "]"
+  return [line.split("=")[0].strip() for line in entry.splitlines()
+          if " = " in line and line.split(" = ")[1].startswith(target)
+          and not any(f" {op}(" in line for op in ("bitcast", "parameter"))]
+
+
+_BATCH_NORM_HLO = """
+import json, sys
+from advsemiseg_jax import parallel
+parallel.set_default_xla_flags()
+import jax, jax.numpy as jnp
+from advsemiseg_jax.models import layers
+shape = (2, 12, 12, 32)
+kx, kr, kg = jax.random.split(jax.random.key(0), 3)
+x, res, gy = (jax.random.normal(k, shape) for k in (kx, kr, kg))
+scale, bias = jnp.ones(shape[-1:]), jnp.zeros(shape[-1:])
+texts = {}
+for residual in (False, True):
+  def forward_backward(x, scale, bias, res, gy):
+    out, vjp = jax.vjp(lambda *a: layers.batch_norm_act(*a, True, 1e-5)[0],
+                       x, scale, bias, res if residual else None)
+    return out, vjp(gy)
+  texts[str(residual)] = jax.jit(forward_backward).lower(
+      x, scale, bias, res, gy).compile().as_text()
+json.dump(texts, sys.stdout)
+"""
+
+
+def test_batch_norm_backward_writes_x_minus_mean_once_and_no_xhat():
+  """BatchNorm + ReLU forward and backward (``batch_norm_act``), compiled
+  with the flags ``main.py`` sets (in a subprocess: XLA reads them when it
+  starts), writes out five full-size arrays with or without a residual: the
+  output, the ReLU's masked gradient, ``x - mean`` (read by the backward's
+  reduction and by ``dx``), the input gradient and a broadcast zero. The
+  textbook form, with ``xhat = (x - mean) * invstd`` shared by the reduction
+  and ``dx``, wrote ``xhat`` as well: six. The map is large enough for XLA
+  to give the elementwise work to YNNPACK, as in the model."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run([sys.executable, "-c", _BATCH_NORM_HLO], cwd=ROOT, env=env,
+                       capture_output=True, text=True, check=True)
+  for residual, text in json.loads(out.stdout).items():
+    written = _full_size_arrays_written(text, (2, 12, 12, 32))
+    assert any("ynn_fusion" in name for name in written), written
+    assert len(written) <= 5, (residual, written)
 
 
 @pytest.mark.parametrize("shape", [(2, 9, 9, 3), (1, 10, 7, 5), (3, 8, 13, 4)])
