@@ -167,12 +167,12 @@ def _batch_norm_act_bwd(relu, epsilon, saved, cotangents):
   gscale = jnp.sum(gs * (xf - mean), axis=(0, 1, 2)) * invstd
   # d/dx of scale * (x - mean) * rsqrt(var + eps) + bias, mean and var being
   # the batch statistics (the variance terms drop where the clamp was
-  # active), as per-channel k1 * gs + k2 * (x - mean) + k3. Nothing but the
-  # per-channel sums is shared between the two passes: the textbook form's
-  # ``centred`` and ``xhat = centred * invstd``, each used by the reduction
-  # and by ``dx``, were written out at full size (6 arrays -> 5 under the
-  # flags main.py sets). Tying the second ``x - mean`` to gscale
-  # (ordering.computed_after) wrote 4, but under XLA's default flags the
+  # active), as per-channel k1 * gs + k2 * (x - mean) + k3. XLA:CPU writes
+  # ``x - mean`` out once, for the reduction and ``dx`` to read; the textbook
+  # form's ``xhat = (x - mean) * invstd``, used by both, was written out as
+  # well (6 full-size arrays -> 5 under the flags main.py sets). Tying the
+  # second ``x - mean`` to gscale (ordering.computed_after), so that each
+  # pass computes its own, wrote 4, but under XLA's default flags the
   # bottleneck kept 1.6x what it keeps this way; A/B at 161x161, full step,
   # Xeon: this form 2.65 s against the textbook 2.74 s (torch 2.66 s).
   var_term = jnp.where(var_used, gscale / n, 0.0)
