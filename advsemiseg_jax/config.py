@@ -106,9 +106,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.iter_size = 1
   # S's unlabeled gradient is computed before the labeled pass starts (as the
   # authors' two backward() calls): the two passes' activations are never
-  # alive together. None (auto): on for a CPU, off elsewhere (not measured
+  # alive together, and one loop body holds S's passes (a third fewer HLO
+  # instructions). None (auto): on for a CPU, off elsewhere (not measured
   # there) | True | False. CPU, ResNet-101, batch 2: peak RSS 4.76 -> 3.44 GiB
-  # at 321x321 and 2.12 -> 1.91 at 161, step time -1% and +1%
+  # at 321x321 and 2.12 -> 1.91 at 161, step time -1% and +1%, when the
+  # passes were unrolled; 1.78 -> 1.63 at 161 with the loop
   # (docs/performance.md). Same result up to rounding.
   c.optim.sequential_passes = ml_collections.config_dict.placeholder(bool)
 

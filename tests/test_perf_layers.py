@@ -445,3 +445,37 @@ def test_discriminator_dot_matches_xla(size):
   got, want = _sin_loss_gradients(dot, variables, x), _sin_loss_gradients(ref, variables, x)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
+
+
+@pytest.mark.parametrize("shape,kernel,strides,padding,dilation", [
+    ((2, 17, 14, 3), (7, 7), (2, 2), ((3, 3), (3, 3)), (1, 1)),    # The stem, odd and even.
+    ((2, 16, 15, 4), (3, 3), (1, 1), ((2, 2), (2, 2)), (2, 2)),
+    ((1, 12, 13, 2), (4, 3), (3, 2), ((0, 0), (1, 2)), (1, 1)),    # Strides that crop.
+    ((2, 11, 9, 3), (3, 3), (2, 1), "SAME", (1, 2)),
+])
+def test_conv_nhwc_matches_lax_conv_and_stays_canonical_in_a_loop(shape, kernel, strides,
+                                                                   padding, dilation):
+  """``layers.Conv`` (``conv_nhwc``): nn.Conv's values and gradients, and on a
+  CPU its gradients inside a ``lax.scan`` are NHWC/HWIO convolutions, which
+  XLA:CPU runs on Eigen (JAX's own kernel gradient is ``f01b_i01o->01bf``,
+  and XLA canonicalises layouts only outside loops)."""
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  args = dict(strides=strides, padding=padding, kernel_dilation=dilation)
+  ref, ours = nn.Conv(5, kernel, **args), layers.Conv(5, kernel, **args)
+  variables = ref.init(jax.random.PRNGKey(1), x)
+  np.testing.assert_allclose(ours.apply(variables, x), ref.apply(variables, x),
+                             rtol=1e-5, atol=1e-5)
+  got, want = _sin_loss_gradients(ours, variables, x), _sin_loss_gradients(ref, variables, x)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
+
+  def looped(model):
+    def body(carry, xi):
+      return carry, jax.grad(lambda v, xi: jnp.sum(jnp.sin(model.apply(v, xi))),
+                             argnums=(0, 1))(variables, xi)
+    return jax.jit(lambda xs: jax.lax.scan(body, 0, xs)[1]).lower(jnp.stack([x, x]))
+
+  labels = lambda text: {line.split("dim_labels=")[1].split(",")[0]
+                         for line in text.splitlines() if " convolution(" in line}
+  assert labels(looped(ours).compile().as_text()) == {"b01f_01io->b01f"}
+  assert labels(looped(ref).compile().as_text()) != {"b01f_01io->b01f"}   # What it fixes.

@@ -189,8 +189,9 @@ def test_eight_devices_equal_one_device():
 
 def test_sequential_passes_same_step_in_less_memory(quick_config):
   """optim.sequential_passes: the unlabeled gradient, then the labeled pass.
-  Same parameters and measurements as the fused step (up to rounding), and
-  XLA plans less temporary memory for it: the ordering survives compilation."""
+  Same parameters and measurements as the fused step (up to rounding); XLA
+  plans less temporary memory for it (the ordering survives compilation),
+  and the program holds S's passes once (one loop body over the batches)."""
   quick_config.loss.semi_start = 0
   quick_config.loss.t_semi = 0.0          # L_semi on every unlabeled pixel
   batch = fixed_batch()
@@ -201,10 +202,14 @@ def test_sequential_passes_same_step_in_less_memory(quick_config):
     global_batch = parallel.to_global(batch, mesh)
     compiled = step.lower(state, global_batch).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
+    s_lines = sum("DeepLabV2" in line for line in compiled.as_text().splitlines())
     for _ in range(3):
       state, metrics = compiled(state, global_batch)
-    runs[sequential] = jax.device_get((state.g_params, state.g_batch_stats, metrics)), temp
-  (fused, fused_temp), (seq, seq_temp) = runs[False], runs[True]
+    runs[sequential] = (jax.device_get((state.g_params, state.g_batch_stats, metrics)),
+                        temp, s_lines)
+  (fused, fused_temp, fused_s), (seq, seq_temp, seq_s) = runs[False], runs[True]
+  print("S's HLO lines, fused and sequential:", fused_s, seq_s)
+  assert seq_s < 0.6 * fused_s, (seq_s, fused_s)
   for a, b in zip(jax.tree.leaves(fused[:2]), jax.tree.leaves(seq[:2])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   for key in ("loss_ce", "loss_adv", "loss_semi", "loss_semi_adv", "loss_g", "loss_d"):

@@ -76,7 +76,7 @@ class ASPP(nn.Module):
           self.dilations[:self.num_branches], self.dtype)
     outs = []
     for i, d in enumerate(self.dilations):
-      conv = nn.Conv(self.num_classes, (3, 3), padding=((d, d), (d, d)),
+      conv = layers.Conv(self.num_classes, (3, 3), padding=((d, d), (d, d)),
                      kernel_dilation=d, use_bias=True, kernel_init=_head_init,
                      dtype=self.dtype, name=f"conv2d_list_{i}")
       if i < self.num_branches:

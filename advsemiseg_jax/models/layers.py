@@ -469,6 +469,102 @@ def _dilated_conv3x3_bwd(dilation, residuals, dy):
 dilated_conv3x3.defvjp(_dilated_conv3x3_fwd, _dilated_conv3x3_bwd)
 
 
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None,
+                         feature_group_count=1, batch_group_count=1, precision=None,
+                         preferred_element_type=None):
+  """``lax.conv_general_dilated``, for ``nn.Conv(conv_general_dilated=...)``
+  (``Conv``): a 2-D NHWC/HWIO convolution without input dilation or groups
+  goes through ``conv_nhwc``, whose gradients on a CPU are convolutions in
+  XLA:CPU's canonical layout; anything else goes to lax as it is."""
+  n = lhs.ndim - 2
+  nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC) if lhs.ndim == 4 else None
+  if (nhwc is None or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != nhwc
+      or tuple(lhs_dilation or (1,) * n) != (1,) * n or feature_group_count != 1
+      or batch_group_count != 1 or preferred_element_type is not None):
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+        feature_group_count, batch_group_count, precision, preferred_element_type)
+  dilation = tuple(rhs_dilation or (1,) * n)
+  if isinstance(padding, str):
+    reach = [(k - 1) * d + 1 for k, d in zip(rhs.shape[:2], dilation)]
+    padding = lax.padtype_to_pads(lhs.shape[1:3], reach, window_strides, padding)
+  return conv_nhwc(lhs, rhs, tuple(window_strides),
+                   tuple(tuple(int(v) for v in p) for p in padding), dilation, precision)
+
+
+def Conv(features, kernel_size, **kwargs) -> nn.Conv:
+  """``nn.Conv`` (same fields, parameters and values) computing through
+  ``conv_general_dilated``."""
+  return nn.Conv(features, kernel_size, conv_general_dilated=conv_general_dilated, **kwargs)
+
+
+def _conv_nhwc(x, kernel, strides, padding, dilation, precision):
+  return lax.conv_general_dilated(x, kernel, strides, padding, rhs_dilation=dilation,
+                                  dimension_numbers=_NHWC, precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def conv_nhwc(x, kernel, strides, padding, dilation, precision=None):
+  """A 2-D NHWC/HWIO convolution (``strides``, explicit ``padding`` pairs,
+  kernel ``dilation``) whose gradients, on a CPU, are themselves NHWC/HWIO
+  convolutions of transposed operands.
+
+  JAX's derivative of a convolution is a convolution with permuted
+  dimension numbers (the kernel gradient's is ``f01b_i01o->01bf``). XLA:CPU
+  hands a convolution to Eigen only in that canonical layout, and brings
+  other layouts to it (``ConvCanonicalization``) only in the program's
+  entry computation: inside a loop (``lax.scan``: ``optim.iter_size``, the
+  sequential passes) it emits them as plain loops, and the stem's kernel
+  gradient took 408 ms of a 4.0 s ResNet-101 step at 161x161, against
+  a few ms canonical. Written here with the same transposes that
+  canonicalisation adds, they run on Eigen everywhere. Elsewhere: JAX's own
+  derivative (cuDNN and TPUs take any layout)."""
+  return _conv_nhwc(x, kernel, strides, padding, dilation, precision)
+
+
+def _conv_nhwc_fwd(x, kernel, strides, padding, dilation, precision):
+  return _conv_nhwc(x, kernel, strides, padding, dilation, precision), (x, kernel)
+
+
+def _conv_nhwc_bwd(strides, padding, dilation, precision, residuals, dy):
+  x, kernel = residuals
+
+  def jax_rule(x, kernel, dy):
+    _, vjp = jax.vjp(lambda a, b: _conv_nhwc(a, b, strides, padding, dilation, precision),
+                     x, kernel)
+    return vjp(dy)
+
+  def canonical(x, kernel, dy):
+    sizes, ksizes, out_sizes = x.shape[1:3], kernel.shape[:2], dy.shape[1:3]
+    # Input gradient: dy, dilated by the strides, convolved with the flipped
+    # kernel (in and out swapped), made after dy as in ``dilated_conv3x3``.
+    flipped = jnp.flip(ordering.copied_after(kernel, dy), (0, 1)).swapaxes(2, 3)
+    reach = [(k - 1) * d + 1 for k, d in zip(ksizes, dilation)]
+    dx_pads = [(r - 1 - lo, n - 1 - (p - 1) * s + lo)
+               for r, (lo, _), n, p, s in zip(reach, padding, sizes, out_sizes, strides)]
+    dx = lax.conv_general_dilated(dy, flipped, (1, 1), dx_pads, lhs_dilation=strides,
+                                  rhs_dilation=dilation, dimension_numbers=_NHWC,
+                                  precision=precision)
+    # Kernel gradient: batch and channels swap roles, x^T (cin, h, w, batch)
+    # convolved with dy^T (h', w', batch, cout) dilated by the strides.
+    dk_pads = [(lo, r + (p - 1) * s - n - lo)
+               for r, (lo, _), n, p, s in zip(reach, padding, sizes, out_sizes, strides)]
+    dk = lax.conv_general_dilated(jnp.transpose(x, (3, 1, 2, 0)),
+                                  jnp.transpose(dy, (1, 2, 0, 3)), dilation, dk_pads,
+                                  rhs_dilation=strides, dimension_numbers=_NHWC,
+                                  precision=precision)
+    return dx.astype(x.dtype), jnp.transpose(dk, (1, 2, 0, 3)).astype(kernel.dtype)
+
+  return tuple(lax.platform_dependent(x, kernel, dy, cpu=canonical, default=jax_rule))
+
+
+conv_nhwc.defvjp(_conv_nhwc_fwd, _conv_nhwc_bwd)
+
+
 def _conv4x4_s2(x, kernel):
   return lax.conv_general_dilated(x, kernel, (2, 2), ((1, 1), (1, 1)),
                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -564,7 +660,7 @@ def conv_module(impl: str) -> Callable[..., nn.Module]:
   if impl not in CONV_IMPLS:
     raise ValueError(f"model.conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
   if impl == "xla":
-    return nn.Conv
+    return Conv
 
   def make(features, kernel_size, strides=1, padding="SAME", **kwargs):
     unpadded = padding in ("SAME", "VALID", 0, ((0, 0), (0, 0)))
@@ -580,7 +676,7 @@ def conv_module(impl: str) -> Callable[..., nn.Module]:
         and padding in (1, ((1, 1), (1, 1)))):
       kwargs.pop("kernel_dilation", None)
       return StridedConv4x4(features, **kwargs)
-    return nn.Conv(features, kernel_size, strides=strides, padding=padding, **kwargs)
+    return Conv(features, kernel_size, strides=strides, padding=padding, **kwargs)
   return make
 
 
