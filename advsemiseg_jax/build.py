@@ -48,6 +48,25 @@ def init_variables(config, generator, discriminator, num_classes, rng):
   return g_vars, d_vars
 
 
+def optimizers(config, g_params):
+  """(g_tx, g_schedule, d_tx, d_schedule) of ``config.optim``."""
+  g_tx, g_sched = optim.generator_optimizer(config.optim, g_params, config.num_steps)
+  d_tx, d_sched = optim.discriminator_optimizer(config.optim, config.num_steps)
+  return g_tx, g_sched, d_tx, d_sched
+
+
+def build_step(config, generator, discriminator, g_params, unroll_loops: bool = False):
+  """The un-jitted train_step of ``config`` (``step.make_train_step``; with
+  ``unroll_loops``, its loops traced as straight-line code, for counting)."""
+  g_tx, g_sched, d_tx, d_sched = optimizers(config, g_params)
+  return make_train_step(config.loss, generator, discriminator, g_tx, d_tx,
+                         g_sched, d_sched, nonfinite_policy=config.nonfinite_policy,
+                         iter_size=config.optim.iter_size,
+                         sequential_passes=resolve_sequential_passes(
+                             config.optim.sequential_passes),
+                         unroll_loops=unroll_loops)
+
+
 def build_training(config, num_classes: int):
   """(generator, discriminator, initial TrainState, un-jitted train_step)."""
   generator = models.build_generator(config.model, num_classes)
@@ -56,18 +75,12 @@ def build_training(config, num_classes: int):
   g_vars, d_vars = init_variables(config, generator, discriminator, num_classes, rng)
   if config.init_from:  # .pth or Orbax weights, copied where name and shape match.
     g_vars, d_vars = convert.load_init_from(config.init_from, g_vars, d_vars)
-  g_tx, g_sched = optim.generator_optimizer(config.optim, g_vars["params"],
-                                            config.num_steps)
-  d_tx, d_sched = optim.discriminator_optimizer(config.optim, config.num_steps)
+  g_tx, _, d_tx, _ = optimizers(config, g_vars["params"])
   state = TrainState(
       step=jnp.zeros((), jnp.int32), g_params=g_vars["params"],
       g_batch_stats=g_vars["batch_stats"], d_params=d_vars["params"],
       g_opt_state=g_tx.init(g_vars["params"]),
       d_opt_state=d_tx.init(d_vars["params"]), rng=rng,
       nonfinite_skips=jnp.zeros((), jnp.int32))
-  step_fn = make_train_step(config.loss, generator, discriminator, g_tx, d_tx,
-                            g_sched, d_sched, nonfinite_policy=config.nonfinite_policy,
-                            iter_size=config.optim.iter_size,
-                            sequential_passes=resolve_sequential_passes(
-                                config.optim.sequential_passes))
+  step_fn = build_step(config, generator, discriminator, g_vars["params"])
   return generator, discriminator, state, step_fn

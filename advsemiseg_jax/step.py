@@ -1,6 +1,7 @@
 """The one training step: S's and D's gradients at the same parameters, both
 optimisers applied, measurements returned. A pure function of (state, batch).
 """
+import functools
 from typing import Any
 
 import flax
@@ -69,7 +70,8 @@ def uses_discriminator(loss_config) -> bool:
 
 def make_train_step(loss_config, generator, discriminator, g_tx, d_tx,
                     g_schedule, d_schedule, nonfinite_policy: str = "stop",
-                    iter_size: int = 1, sequential_passes: bool = False):
+                    iter_size: int = 1, sequential_passes: bool = False,
+                    unroll_loops: bool = False):
   """Builds ``train_step(state, batch) -> (state, metrics)``.
 
   ``batch`` holds ``image`` (B,H,W,3), ``label`` (B,H,W) and, when the method
@@ -89,7 +91,11 @@ def make_train_step(loss_config, generator, discriminator, g_tx, d_tx,
   overlap, a program about a third smaller; same result up to rounding).
   The batches must then have the same shape (the trainer's always do);
   otherwise both passes are fused.
+  ``unroll_loops`` traces those loops (and ``iter_size``'s) as straight-line
+  code: the same computation, for tools that count its work (XLA's cost
+  analysis counts a loop body once); a larger program to compile.
   """
+  scan = functools.partial(jax.lax.scan, unroll=True if unroll_loops else 1)
   lc = loss_config
   with_unlabeled, with_d = uses_unlabeled(lc), uses_discriminator(lc)
   ignore = losses.IGNORE_LABEL
@@ -162,7 +168,7 @@ def make_train_step(loss_config, generator, discriminator, g_tx, d_tx,
         return (stats, jax.tree.map(jnp.add, g_sum, grads)), (total, out)
 
       init = (batch_stats, jax.tree.map(jnp.zeros_like, state.g_params))
-      (new_stats, g_grads), (totals, outs) = jax.lax.scan(one_pass, init, xs)
+      (new_stats, g_grads), (totals, outs) = scan(one_pass, init, xs)
       loss_g = totals[0] + totals[1]
       out = {**rename(jax.tree.map(lambda v: v[0], outs), unlabeled_names),
              **rename(jax.tree.map(lambda v: v[1], outs), labeled_names)}
@@ -226,7 +232,7 @@ def make_train_step(loss_config, generator, discriminator, g_tx, d_tx,
 
     init = (state.g_batch_stats, zeros(state.g_params),
             zeros(state.d_params) if with_d else None)
-    (new_stats, g_sum, d_sum), metrics = jax.lax.scan(one, init, micro)
+    (new_stats, g_sum, d_sum), metrics = scan(one, init, micro)
     mean = lambda tree: jax.tree.map(lambda x: x / iter_size, tree)
     metrics = jax.tree.map(lambda x: jnp.mean(x, axis=0), metrics)
     return mean(g_sum), None if d_sum is None else mean(d_sum), new_stats, metrics

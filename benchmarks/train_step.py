@@ -172,13 +172,24 @@ def jaxpr_flops(jaxpr, in_bounds: bool = False, used=None) -> float:
 
 
 def xla_flops(lowered) -> float:
-  """FLOPs of XLA's cost analysis of the lowered step, before backend passes
-  (after them, GPU convolutions are cuDNN calls that it does not count). It
-  counts elementwise work too, so it sits a little above the conv+matmul
-  count."""
+  """FLOPs of XLA's cost analysis of a lowered function, before backend
+  passes (after them, GPU convolutions are cuDNN calls that it does not
+  count). It counts elementwise work too, so it sits a little above the
+  conv+matmul count, and a loop's body once, whatever its trip count."""
   cost = lowered.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float((cost or {}).get("flops", float("nan")))
+
+
+def step_xla_flops(config, state, batch) -> float:
+  """``xla_flops`` of ``config``'s step with its loops (the sequential
+  passes, ``iter_size``'s microbatches) unrolled: the same computation as
+  the timed step, every iteration counted."""
+  generator = models.build_generator(config.model, config.data.num_classes)
+  discriminator = models.build_discriminator(config.model)
+  step_fn = build.build_step(config, generator, discriminator, state.g_params,
+                             unroll_loops=True)
+  return xla_flops(jax.jit(step_fn).lower(state, batch))
 
 
 def xla_row(flops: float, ratio: float) -> str:
@@ -278,6 +289,7 @@ def measure(config, batch_size: int, size, steps: int, warmup: int, profile_step
   g_forward = jaxpr_flops(jax.make_jaxpr(lambda v: generator.apply(v, image))(
       {"params": state.g_params, "batch_stats": state.g_batch_stats}).jaxpr)
   xla_bytes = xla_plan_bytes(compiled)
+  xla_count = step_xla_flops(config, state, batch)
   times = []
   for i in range(warmup + steps):
     begin = time.perf_counter()
@@ -294,7 +306,7 @@ def measure(config, batch_size: int, size, steps: int, warmup: int, profile_step
     except Exception as error:  # noqa: BLE001  The timings above still stand.
       profile = f"the profile failed: {type(error).__name__}: {error}"
   return dict(profile=profile, compile_s=compile_s, times=np.array(times), analytic=analytic,
-              in_bounds=in_bounds, g_forward=g_forward, xla_flops=xla_flops(lowered), xla_bytes=xla_bytes, mem_what=mem_what,
+              in_bounds=in_bounds, g_forward=g_forward, xla_flops=xla_count, xla_bytes=xla_bytes, mem_what=mem_what,
               mem_bytes=mem_bytes, loss=loss)
 
 
