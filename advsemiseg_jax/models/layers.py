@@ -11,7 +11,8 @@
 * ``remat_call``: rematerialisation that XLA:CPU cannot undo.
 * ``conv_module``/``summed_dilated_convs``: the convolution implementation
   switch (``model.conv_impl``). ``xla`` is ``lax.conv`` everywhere (fast on
-  GPU/TPU). ``dot`` writes 1x1 convolutions as ``dot_general`` over channels
+  GPU/TPU), through ``Conv``/``conv_nhwc``, whose gradients on a CPU are
+  convolutions in the layout XLA:CPU runs on Eigen also inside loops. ``dot`` writes 1x1 convolutions as ``dot_general`` over channels
   (``conv1x1``, whose backward pass chooses the operand to transpose), the
   ASPP head as one GEMM over only the taps that land inside the map, then
   shift-and-add, and computes the kernel gradient of the backbone's 3x3
