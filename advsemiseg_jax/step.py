@@ -156,6 +156,8 @@ def make_train_step(loss_config, generator, discriminator, g_tx, d_tx,
       # gradient is done before the next pass starts (their activations are
       # never alive together, as with the authors' two backward() calls),
       # and the compiled program holds S's forward and backward once.
+      # In the loop both passes compute every term (a stacked weight, 0 where
+      # a term does not belong: same total and gradient, a little more work).
       both = lambda u, l: jnp.stack([jnp.asarray(u), jnp.asarray(l)])
       xs = (both(batch["unlabeled_image"], batch["image"]),
             jax.tree.map(both, {**unlabeled_w, "ce": 0.0}, {**labeled_w, "semi": 0.0}),
