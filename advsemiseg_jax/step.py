@@ -96,6 +96,7 @@ def make_train_step(loss_config, generator, discriminator, g_tx, d_tx,
   analysis counts a loop body once); a larger program to compile.
   """
   scan = functools.partial(jax.lax.scan, unroll=True if unroll_loops else 1)
+  zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
   lc = loss_config
   with_unlabeled, with_d = uses_unlabeled(lc), uses_discriminator(lc)
   ignore = losses.IGNORE_LABEL
@@ -169,7 +170,7 @@ def make_train_step(loss_config, generator, discriminator, g_tx, d_tx,
             state.g_params, stats, *x)
         return (stats, jax.tree.map(jnp.add, g_sum, grads)), (total, out)
 
-      init = (batch_stats, jax.tree.map(jnp.zeros_like, state.g_params))
+      init = (batch_stats, zeros(state.g_params))
       (new_stats, g_grads), (totals, outs) = scan(one_pass, init, xs)
       loss_g = totals[0] + totals[1]
       out = {**rename(jax.tree.map(lambda v: v[0], outs), unlabeled_names),
@@ -223,7 +224,6 @@ def make_train_step(loss_config, generator, discriminator, g_tx, d_tx,
     gradients, the BN statistics after the last one, the mean measurements."""
     micro = jax.tree.map(lambda x: jnp.swapaxes(
         x.reshape((-1, iter_size) + x.shape[1:]), 0, 1), batch)
-    zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
 
     def one(carry, microbatch):
       stats, g_sum, d_sum = carry

@@ -265,23 +265,22 @@ def describe_machine() -> str:
 
 
 def compile_step(config, batch_size: int, size):
-  """(state, batch, un-jitted step, lowered, compiled, seconds to lower and
-  compile) for ``batch_size`` synthetic images of ``size``."""
+  """(state, batch, un-jitted step, compiled, seconds to lower and compile)
+  for ``batch_size`` synthetic images of ``size``."""
   mesh = parallel.make_mesh()
   state, step_fn = build_state(config, config.data.num_classes)
   state = jax.device_put(state, parallel.replicated(mesh))
   batch = parallel.to_global(synthetic_batch(config, batch_size, size), mesh)
   jitted = parallel.jit_train_step(step_fn, mesh)
   start = time.perf_counter()
-  lowered = jitted.lower(state, batch)
-  compiled = lowered.compile()
-  return state, batch, step_fn, lowered, compiled, time.perf_counter() - start
+  compiled = jitted.lower(state, batch).compile()
+  return state, batch, step_fn, compiled, time.perf_counter() - start
 
 
 def measure(config, batch_size: int, size, steps: int, warmup: int, profile_steps: int = 0):
   """Compiles and times the step; returns a dict of the measurements (with
   ``profile_steps``: also op_profile's summary of that many more steps)."""
-  state, batch, step_fn, lowered, compiled, compile_s = compile_step(config, batch_size, size)
+  state, batch, step_fn, compiled, compile_s = compile_step(config, batch_size, size)
   step_jaxpr = jax.make_jaxpr(step_fn)(state, batch).jaxpr
   analytic, in_bounds = jaxpr_flops(step_jaxpr), jaxpr_flops(step_jaxpr, in_bounds=True)
   generator = models.build_generator(config.model, config.data.num_classes)

@@ -12,7 +12,8 @@
 * ``conv_module``/``summed_dilated_convs``: the convolution implementation
   switch (``model.conv_impl``). ``xla`` is ``lax.conv`` everywhere (fast on
   GPU/TPU), through ``Conv``/``conv_nhwc``, whose gradients on a CPU are
-  convolutions in the layout XLA:CPU runs on Eigen also inside loops. ``dot`` writes 1x1 convolutions as ``dot_general`` over channels
+  convolutions in the layout XLA:CPU runs on Eigen also inside loops.
+  ``dot`` writes 1x1 convolutions as ``dot_general`` over channels
   (``conv1x1``, whose backward pass chooses the operand to transpose), the
   ASPP head as one GEMM over only the taps that land inside the map, then
   shift-and-add, and computes the kernel gradient of the backbone's 3x3
@@ -40,6 +41,7 @@ BN_EPSILON = 1e-5
 BN_MODES = ("batch_stats", "frozen")
 BN_BACKWARDS = ("written", "autodiff")
 CONV_IMPLS = ("xla", "dot")
+_NHWC = ("NHWC", "HWIO", "NHWC")   # The convolutions' layout, and XLA:CPU's canonical one.
 
 
 def align_corners_matrix(out_size: int, in_size: int) -> np.ndarray:
@@ -423,7 +425,7 @@ def _dilated_conv3x3(x, kernel, dilation: int):
   d = dilation
   return lax.conv_general_dilated(x, kernel, (1, 1), ((d, d), (d, d)),
                                   rhs_dilation=(d, d),
-                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                  dimension_numbers=_NHWC)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -468,9 +470,6 @@ def _dilated_conv3x3_bwd(dilation, residuals, dy):
 
 
 dilated_conv3x3.defvjp(_dilated_conv3x3_fwd, _dilated_conv3x3_bwd)
-
-
-_NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
@@ -568,7 +567,7 @@ conv_nhwc.defvjp(_conv_nhwc_fwd, _conv_nhwc_bwd)
 
 def _conv4x4_s2(x, kernel):
   return lax.conv_general_dilated(x, kernel, (2, 2), ((1, 1), (1, 1)),
-                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                  dimension_numbers=_NHWC)
 
 
 @jax.custom_vjp
@@ -607,7 +606,7 @@ def _conv4x4_s2_input_gradient(dy, kernel, x_shape):
   w2 = w2.transpose(0, 2, 5, 1, 3, 4).reshape(2, 2, cout, 4 * cin)
   phases = lax.conv_general_dilated(
       jnp.pad(dy, ((0, 0), (1, 1), (1, 1), (0, 0))), w2, (1, 1), "VALID",
-      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      dimension_numbers=_NHWC)
   padded = phases.reshape(n, ho + 1, wo + 1, 2, 2, cin).transpose(0, 1, 3, 2, 4, 5)
   padded = padded.reshape(n, 2 * ho + 2, 2 * wo + 2, cin)
   return padded[:, 1:1 + h, 1:1 + w, :]
