@@ -1,6 +1,9 @@
 """Checkpoint safety and the non-finite guard (in-process, small states)."""
 import os
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +15,8 @@ from advsemiseg_jax import checkpoint, faults
 from advsemiseg_jax.faults import NONFINITE_G_GRAD, NONFINITE_LOSS
 from advsemiseg_jax.step import TrainState
 from advsemiseg_jax.train import build_training, train_and_evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _state(step, width=3, value=None):
@@ -157,6 +162,43 @@ def _batch(config, bad_key=None):
   if bad_key:
     batch[bad_key][0, 0, 0, 0] = np.inf
   return batch
+
+
+_ALL_FINITE_CHECK = textwrap.dedent("""
+    import sys
+    from advsemiseg_jax import parallel
+    if sys.argv[1] == "ynn":
+      parallel.set_default_xla_flags()
+    import jax, jax.numpy as jnp, numpy as np
+    from advsemiseg_jax.step import all_finite
+    check = jax.jit(all_finite)
+    big = np.full((64, 33), 1e30, np.float32)
+    tree = {"big": big, "neg": -big, "half": jnp.ones((5, 7), jnp.bfloat16),
+            "kernel": np.full((3, 3, 32, 64), -1e30, np.float32),
+            "count": np.arange(6, dtype=np.int32), "small": np.zeros((), np.float32)}
+    text = check.lower(tree).compile().as_text()
+    assert "__ynn_fusion" in text or sys.argv[1] != "ynn", text
+    assert bool(check(tree)) and bool(check({}))
+    for key in ("big", "half", "kernel", "small"):
+      for bad in (np.nan, np.inf, -np.inf):
+        poisoned = dict(tree, **{key: jnp.asarray(tree[key]).at[(0,) * tree[key].ndim].set(bad)})
+        assert not bool(check(poisoned)), (key, bad)
+    # Finite, but summing beyond float32's range: counted as not finite.
+    assert not bool(check(dict(tree, big=np.full((64, 33), 3e38, np.float32))))
+    print("ALL_FINITE_OK")
+""")
+
+
+@pytest.mark.parametrize("flags", ["xla", "ynn"])
+def test_all_finite_flags_nan_and_inf_under_jit(flags):
+  """step.all_finite (a float32 sum per leaf): False for one NaN or +-inf in
+  any float leaf, True for large finite values, bfloat16 leaves, integer
+  leaves and no leaves; with XLA's CPU defaults (the tests') and with the
+  YNNPACK fusions that main.py turns on, which run the sums."""
+  env = dict(os.environ, XLA_FLAGS="")
+  out = subprocess.run([sys.executable, "-c", _ALL_FINITE_CHECK, flags], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert "ALL_FINITE_OK" in out.stdout, out.stderr[-3000:]
 
 
 def test_step_flags_nonfinite_and_skip_policy_keeps_the_state(quick_config):
