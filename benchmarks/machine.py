@@ -43,3 +43,13 @@ def peak_rss_bytes() -> int:
     return int(line.split()[1]) * 1024
   except (OSError, StopIteration):
     return max_rss_bytes()
+
+
+def rss_bytes() -> int:
+  """This process's resident set size now (``VmRSS``); 0 without /proc."""
+  try:
+    with open("/proc/self/status") as f:
+      line = next(l for l in f if l.startswith("VmRSS:"))
+    return int(line.split()[1]) * 1024
+  except (OSError, StopIteration):
+    return 0

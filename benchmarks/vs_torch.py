@@ -41,7 +41,15 @@ sys.path.insert(0, ROOT)
 NUM_CLASSES = 21
 
 from advsemiseg_jax import allocator  # noqa: E402
-from benchmarks.machine import cpu_model, peak_rss_bytes, reset_peak_rss  # noqa: E402
+from benchmarks.machine import cpu_model, peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
+
+
+def resident(stages: dict, name: str) -> dict:
+  """Records in ``stages`` the resident set once the allocator has handed
+  back what it holds free (``allocator.release_free_memory``)."""
+  allocator.release_free_memory()
+  stages[name] = rss_bytes()
+  return stages
 
 
 def torch_worker(args):
@@ -50,6 +58,7 @@ def torch_worker(args):
   import torch
   sys.path.insert(0, os.path.join(ROOT, "tests"))
   import torch_reference as tr
+  stages = resident({}, "libraries")
   torch.set_num_threads(args.threads or os.cpu_count())
   torch.manual_seed(0)
   device = torch_device(args.device)
@@ -67,7 +76,7 @@ def torch_worker(args):
              semi_start_adv=0, num_classes=NUM_CLASSES)
   batch = make_batch(args.batch, args.size)
   step = 0
-  allocator.release_free_memory()   # As the JAX worker (and main.py) do.
+  resident(stages, "state")   # Frees as the JAX worker (and main.py) do.
   before = peak_rss_bytes()
   reset_peak_rss()
   whole_peak = 0
@@ -78,7 +87,7 @@ def torch_worker(args):
       torch.cuda.synchronize()
     step += 1
     if device != "cuda":
-      answer(start, before)
+      answer(start, before, stages=stages)
       continue
     steps_peak = torch.cuda.max_memory_allocated()
     whole_peak = max(whole_peak, steps_peak)
@@ -95,6 +104,8 @@ def jax_worker(args):
   import jax
   from benchmarks import train_step as ts
   from advsemiseg_jax.config import load_config
+  jax.devices()   # The backend started: part of the libraries' cost.
+  stages = resident({}, "libraries")
   config = load_config(os.path.join(ROOT, "configs/voc_reference.py"))
   config.unlock()
   config.model.backbone, config.model.width = args.backbone, args.width
@@ -106,11 +117,12 @@ def jax_worker(args):
   state, step_fn = ts.build_state(config, NUM_CLASSES)
   state = jax.device_put(state, parallel.replicated(mesh))
   batch = parallel.to_global(make_batch(args.batch, args.size), mesh)
+  resident(stages, "state")
   step = parallel.compile_train_step(parallel.jit_train_step(step_fn, mesh), state, batch)
   plan = ts.xla_plan_bytes(step)
   plan = None if math.isnan(plan) else plan   # JSON's null: "-" in the table
   device = jax.devices()[0]
-  allocator.release_free_memory()   # What compiling freed (main.py does the same).
+  resident(stages, "compiled")   # What compiling freed goes (main.py does the same).
   before = peak_rss_bytes()
   reset_peak_rss()   # From here: the steps, without the compilation.
   for line in sys.stdin:
@@ -118,7 +130,7 @@ def jax_worker(args):
     state, metrics = step(state, batch)
     jax.block_until_ready((state, metrics))
     if device.platform == "cpu":
-      answer(start, before)
+      answer(start, before, stages=stages)
     else:
       answer(start, before, (device.memory_stats()["peak_bytes_in_use"], plan),
              device.device_kind)
@@ -132,15 +144,16 @@ def torch_device(name: str) -> str:
   return name
 
 
-def answer(start, before_steps, device_peak=None, device=None):
+def answer(start, before_steps, device_peak=None, device=None, stages=None):
   """A worker's reply to "step": its seconds, the process's peak resident set
   (``before_steps``: the peak up to the first step, when the kernel's mark
-  was reset), the peak since the steps began, and on a GPU the device
-  memory (whole process, steps; the latter None until known) and the
-  device's name."""
+  was reset), the peak since the steps began, on a GPU the device memory
+  (whole process, steps; the latter None until known) and the device's
+  name, and on a CPU the resident set by stage (``resident``)."""
   steps = peak_rss_bytes()
   print(json.dumps({"seconds": time.perf_counter() - start, "rss": max(before_steps, steps),
-                    "step_rss": steps, "device_peak": device_peak, "device": device}),
+                    "step_rss": steps, "device_peak": device_peak, "device": device,
+                    "stages": stages or {}}),
         flush=True)
 
 
@@ -173,6 +186,7 @@ class Worker:
     self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                  text=True, env=env)
     self.times, self.rss, self.step_rss, self.device_peak, self.device = [], 0, 0, None, None
+    self.stages = {}
 
   def step(self, record=True):
     self.proc.stdin.write("step\n")
@@ -185,6 +199,7 @@ class Worker:
       self.times.append(answer["seconds"])
     self.rss, self.step_rss = answer["rss"], answer["step_rss"]
     self.device_peak, self.device = answer["device_peak"], answer["device"]
+    self.stages = answer["stages"]
 
   def close(self):
     self.proc.stdin.close()
@@ -279,14 +294,38 @@ def main():
         f"peak RSS GiB, during the steps |{gpu_columns}\n|---|---|---|---|---|---|"
         + ("---|---|" if on_gpu else ""))
   print(f"| torch float32 | {med(torch_w):.3f} | {spread(torch_w)} | 1.00 | {gib(torch_w)} |")
+  rows = [("torch float32", torch_w)]
   for (dtype, seq, rs, flags), w in jax_ws.items():
     name = f"JAX {dtype}" + SEQUENTIAL_PASSES[seq][1]
     if remat_stages(rs):
       name += f", remat stages {remat_stages(rs)}"
     if flags:
       name += f", XLA_FLAGS `{flags}`"
+    rows.append((name, w))
     print(f"| {name} | {med(w):.3f} | {spread(w)} | {med(w) / med(torch_w):.2f} | "
           f"{gib(w)} |")
+  if any(w.stages for w in workers):
+    print(stage_table(rows))
+
+
+STAGES = (("libraries", "libraries imported"), ("state", "model, optimisers and batch built"),
+          ("compiled", "step compiled"))
+
+
+def stage_table(rows) -> str:
+  """Each worker's resident set by stage, with the allocator's free memory
+  handed back before each reading, then its peak during the steps. torch's
+  optimiser state and ``.grad`` tensors only exist from its first step on,
+  so its "built" column holds its parameters alone."""
+  head = " | ".join(label for _, label in STAGES)
+  lines = ["", "resident set by stage, GiB (free memory handed back before each reading):",
+           "", f"| run | {head} | peak during the steps |",
+           "|---|" + "---|" * (len(STAGES) + 1)]
+  for name, w in rows:
+    cells = " | ".join(f"{w.stages[key] / 2**30:.2f}" if key in w.stages else "-"
+                       for key, _ in STAGES)
+    lines.append(f"| {name} | {cells} | {w.step_rss / 2**30:.2f} |")
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":

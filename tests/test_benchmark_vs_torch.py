@@ -19,7 +19,8 @@ def test_vs_torch_prints_a_row_per_xla_flags_variant():
        "--dtypes=float32", f"--xla_flags=|{OLD_FLAG}"],
       capture_output=True, text=True, timeout=600, cwd=ROOT)
   assert out.returncode == 0, out.stderr[-3000:]
-  rows = [line for line in out.stdout.splitlines() if line.startswith("| torch")
+  timing, stages = out.stdout.split("resident set by stage")
+  rows = [line for line in timing.splitlines() if line.startswith("| torch")
           or line.startswith("| JAX")]
   assert [row.split(" | ")[0] for row in rows] == [
       "| torch float32", "| JAX float32", f"| JAX float32, XLA_FLAGS `{OLD_FLAG}`"]
@@ -28,6 +29,16 @@ def test_vs_torch_prints_a_row_per_xla_flags_variant():
     assert float(median) > 0 and re.fullmatch(r"[\d.]+-[\d.]+", spread)
     assert float(ratio) > 0
   assert rows[0].split(" | ")[3] == "1.00"
+  # The resident set by stage: torch has no compiled step; every reading > 0.
+  stage_rows = {row.split(" | ")[0][2:]: row.strip(" |").split(" | ")[1:]
+                for row in stages.splitlines() if row.startswith("| torch") or row.startswith("| JAX")}
+  assert list(stage_rows) == ["torch float32", "JAX float32",
+                              f"JAX float32, XLA_FLAGS `{OLD_FLAG}`"]
+  assert stage_rows["torch float32"][2] == "-"
+  for name, cells in stage_rows.items():
+    values = [float(c) for c in cells if c != "-"]
+    assert len(values) == (3 if name == "torch float32" else 4), (name, cells)
+    assert all(v > 0 for v in values), (name, cells)
 
 
 def test_vs_torch_rejects_an_unknown_sequential_passes_value_at_once():
