@@ -15,7 +15,9 @@ alternates single steps between them (torch, JAX, torch, JAX, ...), so load
 from other processes on the machine falls on both alike, and the ratio of the
 medians is more robust than either time. Each worker reports its own maximum
 resident set size. One table: machine, load average, both medians and
-spreads, the ratio JAX / torch, peak memory, per JAX precision asked for.
+spreads, the ratio JAX / torch, peak memory, per JAX precision asked for;
+on a CPU a second one, each worker's resident set by stage (libraries
+imported, state built, step compiled, peak during the steps).
 
 On a GPU machine (``--device=auto`` finds it) torch runs on the GPU with
 cudnn.benchmark on, as the authors' train.py sets it, and copies each batch
