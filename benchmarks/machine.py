@@ -34,22 +34,24 @@ def reset_peak_rss() -> bool:
     return False
 
 
+def _status_bytes(field: str):
+  """A memory field of ``/proc/self/status`` (e.g. ``VmRSS``) in bytes, or
+  None without /proc."""
+  try:
+    with open("/proc/self/status") as f:
+      line = next(l for l in f if l.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+  except (OSError, StopIteration):
+    return None
+
+
 def peak_rss_bytes() -> int:
   """The resident-set high-water mark since the last ``reset_peak_rss``
   (``VmHWM``); without /proc, the maximum since the process started."""
-  try:
-    with open("/proc/self/status") as f:
-      line = next(l for l in f if l.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
-  except (OSError, StopIteration):
-    return max_rss_bytes()
+  peak = _status_bytes("VmHWM")
+  return max_rss_bytes() if peak is None else peak
 
 
 def rss_bytes() -> int:
   """This process's resident set size now (``VmRSS``); 0 without /proc."""
-  try:
-    with open("/proc/self/status") as f:
-      line = next(l for l in f if l.startswith("VmRSS:"))
-    return int(line.split()[1]) * 1024
-  except (OSError, StopIteration):
-    return 0
+  return _status_bytes("VmRSS") or 0
