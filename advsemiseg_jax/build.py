@@ -64,7 +64,8 @@ def build_step(config, generator, discriminator, g_params, unroll_loops: bool = 
                          iter_size=config.optim.iter_size,
                          sequential_passes=resolve_sequential_passes(
                              config.optim.sequential_passes),
-                         unroll_loops=unroll_loops)
+                         unroll_loops=unroll_loops,
+                         frozen=optim.frozen_mask(g_params, config.optim.g_rules))
 
 
 def build_training(config, num_classes: int):

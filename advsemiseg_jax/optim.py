@@ -88,6 +88,14 @@ def rule_labels(params, rules: Sequence):
   return flax.traverse_util.unflatten_dict(labels, sep="/")
 
 
+def frozen_mask(params, rules: Sequence):
+  """True for each parameter whose rule freezes it (``lr_mult == 0``): the
+  optimiser never changes it, so the train step needs no gradient for it
+  (``step.make_train_step``'s ``frozen``)."""
+  labels = rule_labels(params, rules)
+  return jax.tree.map(lambda label: rules[int(label[len("rule"):])][1] == 0, labels)
+
+
 def rule_repeats(rule) -> int:
   """The ``repeats`` of a rule (its optional fourth element; default 1)."""
   if len(rule) not in (3, 4):

@@ -66,6 +66,28 @@ def guard_nonfinite(state, new_state, metrics, g_grads, d_grads, policy: str):
   return new_state, metrics
 
 
+def trainable_leaves(tree, frozen) -> list:
+  """The leaves of ``tree`` that ``frozen`` (a tree of bools of the same
+  structure, or None for none frozen) does not mark, in order."""
+  leaves = jax.tree.leaves(tree)
+  if frozen is None:
+    return leaves
+  return [x for x, f in zip(leaves, jax.tree.leaves(frozen)) if not f]
+
+
+def with_trainable(tree, frozen, trainable, fill=None):
+  """``tree`` with its unfrozen leaves replaced, in order, by ``trainable``
+  (``trainable_leaves``' counterpart), and its frozen ones by
+  ``fill(leaf)`` when ``fill`` is given."""
+  leaves, treedef = jax.tree.flatten(tree)
+  flags = [False] * len(leaves) if frozen is None else jax.tree.leaves(frozen)
+  if len(flags) != len(leaves):
+    raise ValueError(f"frozen has {len(flags)} leaves, the parameters {len(leaves)}")
+  rest = iter(trainable)
+  return treedef.unflatten([(fill(x) if fill else x) if f else next(rest)
+                            for x, f in zip(leaves, flags)])
+
+
 def _static_zero(weight) -> bool:
   """Whether a loss weight is the Python number 0 (its term is left out)."""
   return isinstance(weight, (int, float)) and weight == 0
@@ -83,7 +105,7 @@ def uses_discriminator(loss_config) -> bool:
 def make_train_step(loss_config, generator, discriminator, g_tx, d_tx,
                     g_schedule, d_schedule, nonfinite_policy: str = "stop",
                     iter_size: int = 1, sequential_passes: bool = False,
-                    unroll_loops: bool = False):
+                    unroll_loops: bool = False, frozen=None):
   """Builds ``train_step(state, batch) -> (state, metrics)``.
 
   ``batch`` holds ``image`` (B,H,W,3), ``label`` (B,H,W) and, when the method
@@ -106,6 +128,11 @@ def make_train_step(loss_config, generator, discriminator, g_tx, d_tx,
   ``unroll_loops`` traces those loops (and ``iter_size``'s) as straight-line
   code: the same computation, for tools that count its work (XLA's cost
   analysis counts a loop body once); a larger program to compile.
+  ``frozen`` (a tree of bools shaped as S's parameters, default none) marks
+  parameters that S's optimiser never changes (``optim.frozen_mask``): S is
+  differentiated with respect to the others only, as torch skips tensors
+  with ``requires_grad=False``, and the frozen ones get a zero gradient
+  (the optimiser ignores it) that no check or sum reads.
   """
   scan = functools.partial(jax.lax.scan, unroll=True if unroll_loops else 1)
   zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
@@ -126,17 +153,20 @@ def make_train_step(loss_config, generator, discriminator, g_tx, d_tx,
 
   def gradients(state, batch, batch_stats):
     """S's and D's gradients on one (micro)batch at ``state``'s parameters:
-    (g_grads, d_grads or None, S's new BN statistics, measurements)."""
+    (g_grads, d_grads or None, S's new BN statistics, measurements);
+    ``g_grads`` is a list, the gradients of S's ``trainable_leaves``."""
     step = state.step
     labels = batch["label"]
     semi_on = step >= lc.semi_start
     semi_adv_on = step >= lc.semi_start_adv
 
-    def pass_loss(g_params, stats, images, w, adv_mask):
+    def pass_loss(trainable, stats, images, w, adv_mask):
       """S on one batch and its weighted loss terms: (total, (new BN
-      statistics, {term: value})). ``w`` holds the weights of "ce", "adv" and
-      "semi", and "skip_empty" (a zero total when no pixel passes T_semi); a
-      weight that is a Python 0 leaves its term out."""
+      statistics, {term: value})), a function of S's ``trainable_leaves``.
+      ``w`` holds the weights of "ce", "adv" and "semi", and "skip_empty" (a
+      zero total when no pixel passes T_semi); a weight that is a Python 0
+      leaves its term out."""
+      g_params = with_trainable(state.g_params, frozen, trainable)
       logits, stats = segment(g_params, stats, images)
       out, total = {"logits": logits}, 0.0
       if not _static_zero(w["ce"]):
@@ -163,6 +193,7 @@ def make_train_step(loss_config, generator, discriminator, g_tx, d_tx,
                      **({"adv": "loss_adv"} if lc.lambda_adv > 0 else {})}
     rename = lambda out, names: {names[k]: v for k, v in out.items() if k in names}
     unlabeled_mask, labeled_mask = jnp.ones_like(labels, bool), labels != ignore
+    trainable = trainable_leaves(state.g_params, frozen)
     if (with_unlabeled and sequential_passes
         and batch["unlabeled_image"].shape == batch["image"].shape):
       # S's two passes as one loop body over the two batches: each pass's
@@ -179,27 +210,27 @@ def make_train_step(loss_config, generator, discriminator, g_tx, d_tx,
       def one_pass(carry, x):
         stats, g_sum = carry
         (total, (stats, out)), grads = jax.value_and_grad(pass_loss, has_aux=True)(
-            state.g_params, stats, *x)
+            trainable, stats, *x)
         return (stats, jax.tree.map(jnp.add, g_sum, grads)), (total, out)
 
-      init = (batch_stats, zeros(state.g_params))
+      init = (batch_stats, zeros(trainable))
       (new_stats, g_grads), (totals, outs) = scan(one_pass, init, xs)
       loss_g = totals[0] + totals[1]
       out = {**rename(jax.tree.map(lambda v: v[0], outs), unlabeled_names),
              **rename(jax.tree.map(lambda v: v[1], outs), labeled_names)}
     else:
-      def g_loss_fn(g_params):
+      def g_loss_fn(trainable):
         total, (stats, out) = 0.0, (batch_stats, {})
         if with_unlabeled:
-          total, (stats, out_u) = pass_loss(g_params, stats, batch["unlabeled_image"],
+          total, (stats, out_u) = pass_loss(trainable, stats, batch["unlabeled_image"],
                                             unlabeled_w, unlabeled_mask)
           out = rename(out_u, unlabeled_names)
-        lab_total, (stats, out_l) = pass_loss(g_params, stats, batch["image"],
+        lab_total, (stats, out_l) = pass_loss(trainable, stats, batch["image"],
                                               labeled_w, labeled_mask)
         return total + lab_total, (stats, {**out, **rename(out_l, labeled_names)})
 
       (loss_g, (new_stats, out)), g_grads = jax.value_and_grad(
-          g_loss_fn, has_aux=True)(state.g_params)
+          g_loss_fn, has_aux=True)(trainable)
     metrics = {k: v for k, v in out.items() if not k.endswith("logits")}
     metrics["loss_g"] = loss_g
     metrics["lr_g"] = g_schedule(step)
@@ -244,7 +275,7 @@ def make_train_step(loss_config, generator, discriminator, g_tx, d_tx,
       d_sum = None if d_grads is None else jax.tree.map(jnp.add, d_sum, d_grads)
       return (stats, g_sum, d_sum), metrics
 
-    init = (state.g_batch_stats, zeros(state.g_params),
+    init = (state.g_batch_stats, zeros(trainable_leaves(state.g_params, frozen)),
             zeros(state.d_params) if with_d else None)
     (new_stats, g_sum, d_sum), metrics = scan(one, init, micro)
     mean = lambda tree: jax.tree.map(lambda x: x / iter_size, tree)
@@ -256,7 +287,9 @@ def make_train_step(loss_config, generator, discriminator, g_tx, d_tx,
       g_grads, d_grads, new_stats, metrics = gradients(state, batch, state.g_batch_stats)
     else:
       g_grads, d_grads, new_stats, metrics = accumulated_gradients(state, batch)
-    g_updates, g_opt_state = g_tx.update(g_grads, state.g_opt_state, state.g_params)
+    g_updates, g_opt_state = g_tx.update(
+        with_trainable(state.g_params, frozen, g_grads, fill=jnp.zeros_like),
+        state.g_opt_state, state.g_params)
     g_params = optax.apply_updates(state.g_params, g_updates)
     d_params, d_opt_state = state.d_params, state.d_opt_state
     if d_grads is not None:

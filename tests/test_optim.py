@@ -34,6 +34,16 @@ def test_every_parameter_is_covered_and_labels_are_right(params):
   assert set(labels.values()) == {"rule0", "rule1", "rule2"}
 
 
+def test_frozen_mask_marks_the_rules_with_lr_mult_zero(params):
+  """The parameters the train step leaves out of differentiation."""
+  frozen = optim.param_paths(optim.frozen_mask(params, optim.REFERENCE_G_RULES))
+  assert frozen.keys() == optim.param_paths(params).keys()
+  assert frozen["bn1/scale"] and frozen["layer1_0/downsample_bn/bias"]
+  assert frozen["layer5/conv2d_list_2/kernel"] and frozen["layer5/conv2d_list_3/bias"]
+  assert not frozen["layer5/conv2d_list_0/kernel"] and not frozen["layer2_0/conv2/kernel"]
+  assert not any(optim.param_paths(optim.frozen_mask(params, ((r".*", 1.0, True),))).values())
+
+
 def test_uncovered_parameter_and_unused_rule_fail(params):
   with pytest.raises(ValueError, match="cover no rule"):
     optim.rule_labels(params, ((r"^layer5/", 10.0, True),))

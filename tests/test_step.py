@@ -12,6 +12,7 @@ from advsemiseg_jax import parallel
 from advsemiseg_jax.data import demo
 from advsemiseg_jax.data.ops import RGB_MEAN
 from advsemiseg_jax.train import build_training
+from conftest import hlo_instructions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -154,6 +155,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     from advsemiseg_jax import parallel
     from advsemiseg_jax.config import load_config
     from advsemiseg_jax.train import build_training
+from conftest import hlo_instructions
     from test_step import assert_same_updates, fixed_batch
     assert jax.device_count() == 8, jax.devices()
     config = load_config({root!r} + "/configs/demo.py:quick")
@@ -215,6 +217,53 @@ def test_sequential_passes_same_step_in_less_memory(quick_config):
   for key in ("loss_ce", "loss_adv", "loss_semi", "loss_semi_adv", "loss_g", "loss_d"):
     np.testing.assert_allclose(fused[2][key], seq[2][key], rtol=1e-5, err_msg=key)
   assert seq_temp < 0.85 * fused_temp, (seq_temp, fused_temp)
+
+
+def test_frozen_parameters_are_not_differentiated(quick_config, monkeypatch):
+  """S is differentiated with respect to the parameters its optimiser moves
+  only (``optim.frozen_mask``, BN's affine ones here; torch's
+  ``requires_grad=False``): the same state after two steps as differentiating
+  all of them, frozen parameters unchanged, and a smaller program (no
+  gradient, sum or finiteness check for them)."""
+  from advsemiseg_jax import optim
+  quick_config.loss.semi_start = 0
+  batch = fixed_batch()
+  frozen_mask = optim.frozen_mask
+  runs = {}
+  for name, mask in (("every", lambda *args: None), ("trainable", frozen_mask)):
+    monkeypatch.setattr(optim, "frozen_mask", mask)
+    mesh, state, step = _setup(quick_config)
+    global_batch = parallel.to_global(batch, mesh)
+    compiled = step.lower(state, global_batch).compile()
+    initial = jax.device_get(state)
+    for _ in range(2):
+      state, metrics = compiled(state, global_batch)
+    assert int(metrics["nonfinite"]) == 0
+    runs[name] = (initial, jax.device_get(state), hlo_instructions(compiled))
+  (initial, every, every_size), (_, trainable, trainable_size) = runs["every"], runs["trainable"]
+  print("HLO instructions, every parameter and trainable only:", every_size, trainable_size)
+  assert trainable_size < 0.97 * every_size, (every_size, trainable_size)
+  assert_same_updates(jax.tree.leaves(initial), jax.tree.leaves(every),
+                      jax.tree.leaves(trainable), tol=1e-4)
+  frozen = jax.tree.leaves(frozen_mask(initial.g_params, quick_config.optim.g_rules))
+  assert any(frozen)
+  for before, after, is_frozen in zip(jax.tree.leaves(initial.g_params),
+                                      jax.tree.leaves(trainable.g_params), frozen):
+    if is_frozen:
+      np.testing.assert_array_equal(before, after)
+
+
+def test_trainable_leaves_and_with_trainable_round_trip():
+  from advsemiseg_jax.step import trainable_leaves, with_trainable
+  tree = {"a": np.float32(1), "b": {"c": np.float32(2), "d": np.float32(3)}}
+  frozen = {"a": False, "b": {"c": True, "d": False}}
+  assert trainable_leaves(tree, frozen) == [1, 3]
+  assert trainable_leaves(tree, None) == [1, 2, 3]
+  assert with_trainable(tree, frozen, [10, 30]) == {"a": 10, "b": {"c": 2, "d": 30}}
+  assert with_trainable(tree, frozen, [10, 30], fill=lambda x: 0 * x) == {
+      "a": 10, "b": {"c": 0, "d": 30}}
+  with pytest.raises(ValueError, match="frozen has 2 leaves"):
+    with_trainable(tree, {"a": False, "b": True}, [10])
 
 
 def test_sequential_passes_auto_is_on_for_a_cpu_only(quick_config, monkeypatch):
