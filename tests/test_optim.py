@@ -147,12 +147,46 @@ def test_sgd_is_optax_sgd_bit_for_bit(nesterov, weight_decay, in_order):
     np.testing.assert_array_equal(a, b)
 
 
-def _compiled_size(n_leaves: int) -> int:
+@pytest.mark.parametrize("repeats", [2, 3, 4])
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("in_order", [True, False])
+def test_repeated_sgd_is_torchs_appearances_in_turn(repeats, nesterov, in_order):
+  """``repeats > 1`` (closed form, ``optim.repeated_coefficients``) against
+  torch's single-tensor SGD by hand in float64: each appearance in turn
+  decays, updates the buffer and moves the parameter; on the first step each
+  appearance starts a fresh buffer. Four steps with a decaying rate."""
+  rng = np.random.RandomState(1)
+  params = {"a": jnp.asarray(rng.randn(6, 5), jnp.float32),
+            "b": jnp.asarray(rng.randn(4), jnp.float32)}
+  lr0, wd, mom = 0.05, 0.01, 0.9
+  schedule = optim.poly_schedule(lr0, 10, 0.9)
+  tx = optim.sgd(schedule, mom, wd, repeats, nesterov=nesterov, in_order=in_order)
+  state, ours = tx.init(params), params
+  ref = {k: np.asarray(v, np.float64) for k, v in params.items()}
+  bufs = {k: np.zeros_like(v) for k, v in ref.items()}
+  update = jax.jit(tx.update)
+  for step in range(4):
+    grads = {k: rng.randn(*v.shape).astype(np.float32) for k, v in ref.items()}
+    u, state = update(jax.tree.map(jnp.asarray, grads), state, ours)
+    ours = optax.apply_updates(ours, u)
+    lr = lr0 * (1 - step / 10) ** 0.9
+    for k in ref:
+      for _ in range(repeats):
+        d = grads[k] + wd * ref[k]
+        bufs[k] = d if step == 0 else mom * bufs[k] + d
+        ref[k] = ref[k] - lr * (d + mom * bufs[k] if nesterov else bufs[k])
+    for k in ref:
+      change = np.abs(ref[k] - np.asarray(params[k], np.float64)).max()
+      assert np.abs(np.asarray(ours[k], np.float64) - ref[k]).max() <= 1e-5 * change, (step, k)
+      np.testing.assert_allclose(state.momentum[k], bufs[k], rtol=1e-5, atol=1e-5)
+
+
+def _compiled_size(n_leaves: int, repeats: int = 1) -> int:
   """HLO instructions of one in-order ``optim.sgd`` update of ``n_leaves``
   parameters (the test process runs without the YNNPACK fusions, which used
   to hide the chain)."""
   params = {f"p{i:03d}": jnp.ones((8, 8 + i % 3)) for i in range(n_leaves)}
-  tx = optim.sgd(0.01, 0.9, 5e-4, in_order=True)
+  tx = optim.sgd(0.01, 0.9, 5e-4, repeats=repeats, in_order=True)
   return hlo_instructions(jax.jit(tx.update).lower(params, tx.init(params), params).compile())
 
 
@@ -163,3 +197,7 @@ def test_in_order_sgd_compiles_to_a_linear_program():
   million instructions, 2.8 GiB held by the executable)."""
   small, large = _compiled_size(16), _compiled_size(32)
   assert large / small < 2.5, (small, large)
+  # Repeats are one update per parameter whose scalars come out of one loop:
+  # not three updates, nor the scalars' arithmetic inside every update.
+  repeated = _compiled_size(32, repeats=3)
+  assert repeated < 1.2 * large, (large, repeated)
