@@ -155,7 +155,6 @@ SHARDED_SCRIPT = textwrap.dedent("""
     from advsemiseg_jax import parallel
     from advsemiseg_jax.config import load_config
     from advsemiseg_jax.train import build_training
-from conftest import hlo_instructions
     from test_step import assert_same_updates, fixed_batch
     assert jax.device_count() == 8, jax.devices()
     config = load_config({root!r} + "/configs/demo.py:quick")
