@@ -22,7 +22,11 @@ def computed_after(x, tree):
   its executable memory: 112,000 -> 89,000 instructions, 67 MiB less).
 
   The element is read through a reduction, which XLA does not fuse into the
-  reduction's users. A single element would be a slice, and XLA recomputes a
+  reduction's users, and the zero is made inside that reduction (the max of
+  ``0 * isnan`` of the first two elements), so each user adds a ready
+  scalar instead of recomputing it: 3,700 fewer instructions in the
+  ResNet-101 step at 161x161, whose optimiser ties each parameter's six
+  scalars this way. A single element would be a slice, and XLA recomputes a
   sliced element inside each user: a chain of ties (``optim.sgd``'s updates
   in order, each tied to the one before) then recomputed every earlier link
   in every fusion, quadratic in the chain's length. Without the YNNPACK
@@ -35,8 +39,8 @@ def computed_after(x, tree):
 
 def _zero_of(leaf):
   """0.0 (float32) that depends on ``leaf``: see ``computed_after``."""
-  first = jnp.max(leaf.reshape(-1)[:2])
-  return (first != first).astype(jnp.float32) * 0
+  first = leaf.reshape(-1)[:2]
+  return jnp.max((first != first).astype(jnp.float32) * 0)
 
 
 def copied_after(x, tree):
