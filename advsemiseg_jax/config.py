@@ -27,9 +27,11 @@ def base_config() -> ml_collections.ConfigDict:
   # convs and ASPP as GEMMs, 3x3 and D's 4x4 kernel gradients as GEMMs: faster
   # on CPU and GPU).
   c.model.conv_impl = "auto"
-  # How training-mode BatchNorm is differentiated. auto: written on CPU,
+  # How training-mode BatchNorm is differentiated. auto: recompute on CPU,
   # autodiff elsewhere | written (keeps what torch keeps: less memory on
-  # XLA:CPU) | autodiff (JAX's derivative: faster on GPU). Same values.
+  # XLA:CPU) | recompute (written, and a BN + ReLU feeding a convolution keeps
+  # only its input: less still) | autodiff (JAX's derivative: faster on GPU).
+  # Same values up to rounding.
   c.model.bn_backward = "auto"
   # Backbone stages 1..4 recomputed in the backward pass, e.g. (3,): less
   # memory for more time (docs/performance.md, CPU memory and Options).

@@ -25,13 +25,15 @@ def resolve_conv_impl(conv_impl: str, backend: str = None) -> str:
 
 
 def resolve_bn_backward(bn_backward: str, backend: str = None) -> str:
-  """``model.bn_backward`` for this run: ``auto`` is ``written`` on CPU (the
-  backward pass that keeps torch's activations; XLA:CPU keeps twice as many
-  with JAX's own) and ``autodiff`` elsewhere (faster on GPU, no more memory).
-  Same values either way."""
+  """``model.bn_backward`` for this run: ``auto`` is ``recompute`` on CPU
+  (the written backward pass, which keeps torch's activations, and which
+  recomputes a BatchNorm + ReLU's output that feeds a convolution instead of
+  keeping it: XLA:CPU keeps twice as many activations with JAX's own) and
+  ``autodiff`` elsewhere (faster on GPU, no more memory). Same values up to
+  rounding either way."""
   if bn_backward != "auto":
     return bn_backward
-  return "written" if (backend or jax.default_backend()) == "cpu" else "autodiff"
+  return "recompute" if (backend or jax.default_backend()) == "cpu" else "autodiff"
 
 
 def build_generator(model_config, num_classes: int) -> DeepLabV2:

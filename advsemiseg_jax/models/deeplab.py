@@ -40,11 +40,11 @@ class Bottleneck(nn.Module):
   def __call__(self, x):
     d = self.dilation
     out = self.conv(self.planes, (1, 1), strides=self.stride, name="conv1")(x)
-    out = self.norm(name="bn1")(out, relu=True)
-    out = self.conv(self.planes, (3, 3), padding=((d, d), (d, d)),
-                    kernel_dilation=d, name="conv2")(out)
-    out = self.norm(name="bn2")(out, relu=True)
-    out = self.conv(self.planes * 4, (1, 1), name="conv3")(out)
+    conv2 = self.conv(self.planes, (3, 3), padding=((d, d), (d, d)),
+                      kernel_dilation=d, name="conv2")
+    out = self.norm(name="bn1")(out, relu=True, then=conv2)
+    conv3 = self.conv(self.planes * 4, (1, 1), name="conv3")
+    out = self.norm(name="bn2")(out, relu=True, then=conv3)
     if self.project:
       x = self.conv(self.planes * 4, (1, 1), strides=self.stride,
                     name="downsample_conv")(x)

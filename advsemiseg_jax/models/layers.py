@@ -39,7 +39,7 @@ from advsemiseg_jax import ordering
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 BN_MODES = ("batch_stats", "frozen")
-BN_BACKWARDS = ("written", "autodiff")
+BN_BACKWARDS = ("written", "autodiff", "recompute")
 CONV_IMPLS = ("xla", "dot")
 _NHWC = ("NHWC", "HWIO", "NHWC")   # The convolutions' layout, and XLA:CPU's canonical one.
 
@@ -190,6 +190,41 @@ def _batch_norm_act_bwd(relu, epsilon, saved, cotangents):
 batch_norm_act.defvjp(_batch_norm_act_fwd, _batch_norm_act_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5))
+def batch_norm_act_then(then, x, scale, bias, then_params, epsilon):
+  """``then(then_params, relu(BatchNorm(x)))`` and the batch ``mean`` and
+  ``var``, as ``batch_norm_act`` followed by ``then`` (a convolution), but
+  keeping only ``x`` for the backward pass: the activation, which ``then``
+  would keep as its input, is recomputed from ``x`` and the statistics once
+  the output's gradient exists (``model.bn_backward=recompute``). Torch's
+  BatchNorm and in-place ReLU keep both tensors. Same values."""
+  (y, mean, var), _ = _batch_norm_act_fwd(x, scale, bias, None, True, epsilon)
+  return then(then_params, y), mean, var
+
+
+def _batch_norm_act_then_fwd(then, x, scale, bias, then_params, epsilon):
+  (y, mean, var), (_, _, _, _, _, var_used, _) = _batch_norm_act_fwd(
+      x, scale, bias, None, True, epsilon)
+  return (then(then_params, y), mean, var), (x, scale, bias, mean, var, var_used, then_params)
+
+
+def _batch_norm_act_then_bwd(then, epsilon, saved, cotangents):
+  g, gmean, gvar = cotangents
+  x, scale, bias, mean, var, var_used, then_params = saved
+  # Tied to g, so that XLA neither computes the activation again inside the
+  # forward pass nor shares it with the forward pass's (which then lives on).
+  tscale, tbias, tmean, tvar = (ordering.computed_after(t, g) for t in (scale, bias, mean, var))
+  y = _normalize_act(x, tmean, tvar, tscale, tbias, None, True, epsilon)
+  _, pull = jax.vjp(then, then_params, y)
+  gparams, gy = pull(g)
+  gx, gscale, gbias, _ = _batch_norm_act_bwd(
+      True, epsilon, (x, y, scale, mean, var, var_used, None), (gy, gmean, gvar))
+  return gx, gscale, gbias, gparams
+
+
+batch_norm_act_then.defvjp(_batch_norm_act_then_fwd, _batch_norm_act_then_bwd)
+
+
 def batch_norm_act_autodiff(x, scale, bias, residual, relu: bool, epsilon: float):
   """``batch_norm_act``'s formula and outputs, differentiated by JAX
   (``model.bn_backward=autodiff``). XLA:GPU runs its derivative faster than
@@ -207,10 +242,13 @@ class BatchNorm(nn.Module):
   ``running = momentum * running + (1 - momentum) * batch``. Variables are
   named like Flax's: params ``scale``/``bias``, batch_stats ``mean``/``var``.
 
-  ``__call__(x, residual=None, relu=False)`` also adds ``residual`` and
-  applies a ReLU after the normalisation; with batch statistics all three
-  are one ``batch_norm_act``, whose backward pass keeps what torch's keeps
-  (``backward="written"``), or ``batch_norm_act_autodiff`` (``"autodiff"``).
+  ``__call__(x, residual=None, relu=False, then=None)`` also adds
+  ``residual`` and applies a ReLU after the normalisation, then the module
+  ``then`` (a convolution) if given, and returns its output; with batch
+  statistics all three are one ``batch_norm_act``, whose backward pass keeps
+  what torch's keeps (``backward="written"``), or ``batch_norm_act_autodiff``
+  (``"autodiff"``). With ``"recompute"``, a ReLU output that feeds ``then``
+  is not kept: ``batch_norm_act_then`` recomputes it in the backward pass.
   """
   use_running_average: bool = False
   backward: str = "written"
@@ -219,19 +257,27 @@ class BatchNorm(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, residual=None, relu: bool = False):
+  def __call__(self, x, residual=None, relu: bool = False, then: nn.Module = None):
     c = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
     ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
     ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+    then = then or (lambda y: y)
     if self.use_running_average:
-      return _normalize_act(x, ra_mean.value, ra_var.value, scale, bias, residual,
-                            relu, self.epsilon)
+      return then(_normalize_act(x, ra_mean.value, ra_var.value, scale, bias, residual,
+                                 relu, self.epsilon))
     if self.backward not in BN_BACKWARDS:
       raise ValueError(f"model.bn_backward must be one of {BN_BACKWARDS}, got {self.backward!r}")
-    fn = batch_norm_act if self.backward == "written" else batch_norm_act_autodiff
-    y, mean, var = fn(x, scale, bias, residual, relu, self.epsilon)
+    if (self.backward == "recompute" and isinstance(then, nn.Module) and relu
+        and residual is None and not self.is_initializing()):
+      apply = then.clone(parent=None).apply
+      y, mean, var = batch_norm_act_then(lambda p, y: apply({"params": p}, y), x, scale,
+                                         bias, then.variables["params"], self.epsilon)
+    else:
+      fn = batch_norm_act_autodiff if self.backward == "autodiff" else batch_norm_act
+      y, mean, var = fn(x, scale, bias, residual, relu, self.epsilon)
+      y = then(y)
     if not self.is_initializing():
       n = x.size // c
       m = self.momentum
