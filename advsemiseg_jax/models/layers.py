@@ -197,7 +197,7 @@ def batch_norm_act_then(then, x, scale, bias, then_params, epsilon):
   keeping only ``x`` for the backward pass: the activation, which ``then``
   would keep as its input, is recomputed from ``x`` and the statistics once
   the output's gradient exists (``model.bn_backward=recompute``). Torch's
-  BatchNorm and in-place ReLU keep both tensors. Same values."""
+  BatchNorm and in-place ReLU keep both tensors. Same values up to rounding."""
   (y, mean, var), _ = _batch_norm_act_fwd(x, scale, bias, None, True, epsilon)
   return then(then_params, y), mean, var
 
@@ -263,7 +263,8 @@ class BatchNorm(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
     ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
     ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
-    then = then or (lambda y: y)
+    if then is None:
+      then = lambda y: y   # noqa: E731
     if self.use_running_average:
       return then(_normalize_act(x, ra_mean.value, ra_var.value, scale, bias, residual,
                                  relu, self.epsilon))
