@@ -207,8 +207,10 @@ def test_remat_stages_plan_less_memory_on_cpu():
 def test_recomputed_activations_are_not_kept_and_give_the_same_gradients(capsys):
   """``bn_backward=recompute``: a BatchNorm + ReLU feeding a convolution
   keeps only its input, the convolution's input (two per bottleneck) being
-  recomputed in the backward pass (``layers.batch_norm_act_then``). The
-  gradients and statistics equal the written backward's."""
+  recomputed in the backward pass (``layers.batch_norm_act_then``), and so
+  is a bottleneck's conv3 output, bn3's input. The gradients and statistics
+  (bn3's running averages, updated inside the fused op, included) equal the
+  written backward's."""
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 65, 65, 3)) * 30
   stages = (2, 1, 3, 1)
   kwargs = dict(num_classes=5, stage_sizes=stages, width=8, conv_impl="dot")
@@ -216,6 +218,7 @@ def test_recomputed_activations_are_not_kept_and_give_the_same_gradients(capsys)
   written, recomputed = (DeepLabV2(bn_backward=b, **kwargs) for b in ("written", "recompute"))
   (grads, stats), (want_grads, want_stats) = (_grads(m, variables, x)
                                               for m in (recomputed, written))
+  assert jax.tree.structure(stats) == jax.tree.structure(want_stats)
   for a, b in zip(jax.tree.leaves((grads, stats)), jax.tree.leaves((want_grads, want_stats))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
 
@@ -231,9 +234,16 @@ def test_recomputed_activations_are_not_kept_and_give_the_same_gradients(capsys)
                 for m in (written, recomputed))
   dropped = full - lean
   assert not lean - full, lean - full
-  assert sum(dropped.values()) == 2 * sum(stages), dropped
-  # Each one a bottleneck's, `planes` (8 * 2**stage) channels wide.
-  assert all(shape.rsplit(",", 1)[1] in ("8]", "16]", "32]", "64]") for shape in dropped)
+  # Per bottleneck: bn1's and bn2's outputs, `planes` (8 * 2**stage)
+  # channels wide, and conv3's output, 4 * planes wide.
+  channels = collections.Counter()
+  for shape, count in dropped.items():
+    channels[int(shape.rsplit(",", 1)[1].rstrip("]"))] += count
+  want = collections.Counter()
+  for i, blocks in enumerate(stages):
+    want[8 * 2**i] += 2 * blocks
+    want[32 * 2**i] += blocks
+  assert channels == want, (channels, want)
 
 
 def test_recomputed_activations_plan_less_memory_under_the_cpu_flags():
@@ -262,8 +272,9 @@ def test_recomputed_activations_plan_less_memory_under_the_cpu_flags():
                        text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""})
   assert out.returncode == 0, out.stderr[-3000:]
   written, recomputed = (int(v) for v in out.stdout.split())
-  # At least a tenth of the written backward's plan (measured: 9.5 -> 8.3 MiB).
-  assert recomputed < 0.9 * written, (written, recomputed)
+  # At least a quarter of the written backward's plan (measured: 9.5 -> 5.8
+  # MiB; 8.3 with bn3's input kept).
+  assert recomputed < 0.75 * written, (written, recomputed)
 
 
 def test_xla_flags_added_but_user_setting_kept(monkeypatch):

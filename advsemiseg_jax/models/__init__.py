@@ -27,8 +27,9 @@ def resolve_conv_impl(conv_impl: str, backend: str = None) -> str:
 def resolve_bn_backward(bn_backward: str, backend: str = None) -> str:
   """``model.bn_backward`` for this run: ``auto`` is ``recompute`` on CPU
   (the written backward pass, which keeps torch's activations, and which
-  recomputes a BatchNorm + ReLU's output that feeds a convolution instead of
-  keeping it: XLA:CPU keeps twice as many activations with JAX's own) and
+  recomputes a BatchNorm + ReLU's output that feeds a convolution, and that
+  convolution's output in a bottleneck's last BatchNorm, instead of keeping
+  them: XLA:CPU keeps twice as many activations with JAX's own) and
   ``autodiff`` elsewhere (faster on GPU, no more memory). Same values up to
   rounding either way."""
   if bn_backward != "auto":

@@ -43,13 +43,14 @@ class Bottleneck(nn.Module):
     conv2 = self.conv(self.planes, (3, 3), padding=((d, d), (d, d)),
                       kernel_dilation=d, name="conv2")
     out = self.norm(name="bn1")(out, relu=True, then=conv2)
-    conv3 = self.conv(self.planes * 4, (1, 1), name="conv3")
-    out = self.norm(name="bn2")(out, relu=True, then=conv3)
     if self.project:
       x = self.conv(self.planes * 4, (1, 1), strides=self.stride,
                     name="downsample_conv")(x)
       x = self.norm(name="downsample_bn")(x)
-    return self.norm(name="bn3")(out, residual=x, relu=True)
+    # bn3(conv3(relu(bn2(out))), residual=x), as one op when recomputing.
+    last = layers.ThenNorm(self.conv(self.planes * 4, (1, 1), name="conv3"),
+                           self.norm(name="bn3"), residual=x)
+    return self.norm(name="bn2")(out, relu=True, then=last)
 
 
 class ASPP(nn.Module):

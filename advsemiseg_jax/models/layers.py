@@ -23,6 +23,7 @@
   GEMM kernel gradient too (``conv4x4_s2``). Same parameters, same results
   up to rounding.
 """
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -191,18 +192,25 @@ batch_norm_act.defvjp(_batch_norm_act_fwd, _batch_norm_act_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5))
-def batch_norm_act_then(then, x, scale, bias, then_params, epsilon):
+def batch_norm_act_then(then, x, scale, bias, then_params, epsilon, norm2=None):
   """``then(then_params, relu(BatchNorm(x)))`` and the batch ``mean`` and
   ``var``, as ``batch_norm_act`` followed by ``then`` (a convolution), but
   keeping only ``x`` for the backward pass: the activation, which ``then``
   would keep as its input, is recomputed from ``x`` and the statistics once
   the output's gradient exists (``model.bn_backward=recompute``). Torch's
-  BatchNorm and in-place ReLU keep both tensors. Same values up to rounding."""
-  outputs, _ = _batch_norm_act_then_fwd(then, x, scale, bias, then_params, epsilon)
+  BatchNorm and in-place ReLU keep both tensors. Same values up to rounding.
+
+  With ``norm2 = (scale2, bias2, residual)``, ``then``'s output goes on
+  through ``batch_norm_act(., scale2, bias2, residual, relu=True)`` (a
+  bottleneck's last BatchNorm), whose input is not kept either: it is
+  ``then``'s output, recomputed in the backward pass as well. Returns
+  ``(y, mean, var, mean2, var2)`` then.
+  """
+  outputs, _ = _batch_norm_act_then_fwd(then, x, scale, bias, then_params, epsilon, norm2)
   return outputs
 
 
-def _batch_norm_act_then_fwd(then, x, scale, bias, then_params, epsilon):
+def _batch_norm_act_then_fwd(then, x, scale, bias, then_params, epsilon, norm2):
   (y, mean, var), (_, _, _, _, _, var_used, _) = _batch_norm_act_fwd(
       x, scale, bias, None, True, epsilon)
   # Written out, as the written backward's kept activation is: fused into
@@ -211,21 +219,36 @@ def _batch_norm_act_then_fwd(then, x, scale, bias, then_params, epsilon):
   # drops optimization barriers before fusing; it does not fuse through a
   # gather (``ordering.copied_after``).
   y = ordering.copied_after(y, mean)
-  return (then(then_params, y), mean, var), (x, scale, bias, mean, var, var_used, then_params)
+  z = then(then_params, y)
+  saved = (x, scale, bias, mean, var, var_used, then_params)
+  if norm2 is None:
+    return (z, mean, var), (saved, None)
+  scale2, bias2, residual = norm2
+  (out, mean2, var2), (_, out, _, _, _, var_used2, residual_like) = _batch_norm_act_fwd(
+      z, scale2, bias2, residual, True, epsilon)
+  return (out, mean, var, mean2, var2), (saved, (out, scale2, mean2, var2, var_used2,
+                                                 residual_like))
 
 
 def _batch_norm_act_then_bwd(then, epsilon, saved, cotangents):
-  g, gmean, gvar = cotangents
-  x, scale, bias, mean, var, var_used, then_params = saved
+  (x, scale, bias, mean, var, var_used, then_params), saved2 = saved
+  g, gmean, gvar = cotangents[:3]
   # Tied to g, so that XLA neither computes the activation again inside the
   # forward pass nor shares it with the forward pass's (which then lives on).
   tscale, tbias, tmean, tvar = (ordering.computed_after(t, g) for t in (scale, bias, mean, var))
   y = _normalize_act(x, tmean, tvar, tscale, tbias, None, True, epsilon)
-  _, pull = jax.vjp(then, then_params, y)
+  z, pull = jax.vjp(then, then_params, y)
+  gnorm2 = None
+  if saved2 is not None:
+    out, scale2, mean2, var2, var_used2, residual_like = saved2
+    g, gscale2, gbias2, gres = _batch_norm_act_bwd(
+        True, epsilon, (z, out, scale2, mean2, var2, var_used2, residual_like),
+        (g, *cotangents[3:]))
+    gnorm2 = (gscale2, gbias2, gres)
   gparams, gy = pull(g)
   gx, gscale, gbias, _ = _batch_norm_act_bwd(
       True, epsilon, (x, y, scale, mean, var, var_used, None), (gy, gmean, gvar))
-  return gx, gscale, gbias, gparams
+  return gx, gscale, gbias, gparams, gnorm2
 
 
 batch_norm_act_then.defvjp(_batch_norm_act_then_fwd, _batch_norm_act_then_bwd)
@@ -249,12 +272,14 @@ class BatchNorm(nn.Module):
   named like Flax's: params ``scale``/``bias``, batch_stats ``mean``/``var``.
 
   ``__call__(x, residual=None, relu=False, then=None)`` also adds
-  ``residual`` and applies a ReLU after the normalisation, then the module
-  ``then`` (a convolution) if given, and returns its output; with batch
-  statistics all three are one ``batch_norm_act``, whose backward pass keeps
-  what torch's keeps (``backward="written"``), or ``batch_norm_act_autodiff``
+  ``residual`` and applies a ReLU after the normalisation, then ``then`` (a
+  convolution module, or a ``ThenNorm``: a convolution and the next
+  BatchNorm) if given, and returns its output; with batch statistics all
+  three are one ``batch_norm_act``, whose backward pass keeps what torch's
+  keeps (``backward="written"``), or ``batch_norm_act_autodiff``
   (``"autodiff"``). With ``"recompute"``, a ReLU output that feeds ``then``
-  is not kept: ``batch_norm_act_then`` recomputes it in the backward pass.
+  is not kept, nor is the input of a ``ThenNorm``'s BatchNorm:
+  ``batch_norm_act_then`` recomputes them in the backward pass.
   """
   use_running_average: bool = False
   backward: str = "written"
@@ -263,7 +288,7 @@ class BatchNorm(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, residual=None, relu: bool = False, then: nn.Module = None):
+  def __call__(self, x, residual=None, relu: bool = False, then=None):
     c = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
@@ -276,22 +301,59 @@ class BatchNorm(nn.Module):
                                  relu, self.epsilon))
     if self.backward not in BN_BACKWARDS:
       raise ValueError(f"model.bn_backward must be one of {BN_BACKWARDS}, got {self.backward!r}")
-    if (self.backward == "recompute" and isinstance(then, nn.Module) and relu
+    if (self.backward == "recompute" and isinstance(then, (nn.Module, ThenNorm)) and relu
         and residual is None and not self.is_initializing()):
-      apply = then.clone(parent=None).apply
-      y, mean, var = batch_norm_act_then(lambda p, y: apply({"params": p}, y), x, scale,
-                                         bias, then.variables["params"], self.epsilon)
+      y, mean, var = self._recomputed_then(x, scale, bias, then)
     else:
       fn = batch_norm_act_autodiff if self.backward == "autodiff" else batch_norm_act
       y, mean, var = fn(x, scale, bias, residual, relu, self.epsilon)
       y = then(y)
     if not self.is_initializing():
-      n = x.size // c
-      m = self.momentum
-      mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
-      ra_mean.value = m * ra_mean.value + (1 - m) * mean
-      ra_var.value = m * ra_var.value + (1 - m) * var * (n / max(n - 1, 1))
+      self.record(mean, var, x.size // c)
     return y
+
+  def _recomputed_then(self, x, scale, bias, then):
+    """``then(relu(self(x)))`` through ``batch_norm_act_then``, a
+    ``ThenNorm``'s BatchNorm included when it normalises with batch
+    statistics (its running averages updated here)."""
+    conv = then.conv if isinstance(then, ThenNorm) else then
+    apply = conv.clone(parent=None).apply
+    norm2 = None
+    if isinstance(then, ThenNorm) and not then.norm.use_running_average:
+      params = then.norm.variables["params"]
+      norm2 = (params["scale"], params["bias"], then.residual)
+    out = batch_norm_act_then(lambda p, y: apply({"params": p}, y), x, scale, bias,
+                              conv.variables["params"], self.epsilon, norm2)
+    y = out[0]
+    if norm2 is not None:
+      then.norm.record(*out[3:], y.size // y.shape[-1])
+    elif isinstance(then, ThenNorm):
+      y = then.norm(y, residual=then.residual, relu=True)
+    return (y, *out[1:3])
+
+  def record(self, mean, var, n: int):
+    """Moves the running averages towards a batch's ``mean`` and biased
+    ``var`` over ``n`` values per channel, updating the variance with the
+    unbiased ``var * n / (n - 1)`` as torch does."""
+    m = self.momentum
+    mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
+    for name, value in (("mean", mean), ("var", var * (n / max(n - 1, 1)))):
+      self.put_variable("batch_stats", name,
+                        m * self.get_variable("batch_stats", name) + (1 - m) * value)
+
+
+@dataclasses.dataclass(frozen=True)
+class ThenNorm:
+  """``norm(conv(y), residual=residual, relu=True)``, as a ``BatchNorm``'s
+  ``then``: a bottleneck's last convolution and BatchNorm. With
+  ``bn_backward=recompute`` neither ``y`` nor ``conv``'s output is kept for
+  the backward pass (``batch_norm_act_then`` with ``norm2``)."""
+  conv: nn.Module
+  norm: nn.Module
+  residual: Any
+
+  def __call__(self, y):
+    return self.norm(self.conv(y), residual=self.residual, relu=True)
 
 
 def remat_call(module: nn.Module, x):
