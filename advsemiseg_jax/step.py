@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from advsemiseg_jax import losses
+from advsemiseg_jax import losses, ordering
 from advsemiseg_jax.faults import (NONFINITE_D_GRAD, NONFINITE_G_GRAD, NONFINITE_LOSS,
                                    NONFINITE_POLICIES)
 from advsemiseg_jax.models import confidence_logits, upsample_logits
@@ -246,7 +246,10 @@ def make_train_step(loss_config, generator, discriminator, g_tx, d_tx,
       fake = jax.lax.stop_gradient(jnp.concatenate(fake))
       fake_mask = jnp.concatenate(fake_mask)
       real_mask = batch["gt_label"] != ignore
-      real = losses.one_hot_labels(batch["gt_label"], fake.shape[-1])
+      # Tied to S's predictions: otherwise XLA computes the one-hot maps and
+      # D's pass on them before S's passes, and keeps them through S's loop.
+      real = losses.one_hot_labels(ordering.computed_after(batch["gt_label"], fake),
+                                   fake.shape[-1])
 
       def d_loss_fn(d_params):
         fake_logits, real_logits = d_map(d_params, fake), d_map(d_params, real)

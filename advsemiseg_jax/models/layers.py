@@ -236,7 +236,11 @@ def _batch_norm_act_then_bwd(then, epsilon, saved, cotangents):
   # Tied to g, so that XLA neither computes the activation again inside the
   # forward pass nor shares it with the forward pass's (which then lives on).
   tscale, tbias, tmean, tvar = (ordering.computed_after(t, g) for t in (scale, bias, mean, var))
-  y = _normalize_act(x, tmean, tvar, tscale, tbias, None, True, epsilon)
+  y = _normalize_act(x, tmean, tvar, tscale, tbias, None, False, epsilon)
+  # The ReLU's zero tied too: XLA:CPU writes a constant zero out as a
+  # full-size array for its YNNPACK fusions and shares it with the forward
+  # pass's, which then lives through the whole backward pass.
+  y = jnp.maximum(y, ordering.computed_after(jnp.zeros((), y.dtype), g))
   z, pull = jax.vjp(then, then_params, y)
   gnorm2 = None
   if saved2 is not None:
