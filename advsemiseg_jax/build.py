@@ -38,13 +38,14 @@ def resolve_sequential_passes(sequential_passes, backend: str = None) -> bool:
   return (backend or jax.default_backend()) == "cpu"
 
 
-def init_variables(config, generator, discriminator, num_classes, rng):
-  """Fresh variables of S and D (shapes do not depend on the input size)."""
+def init_variables(config, generator, discriminator, num_classes, rng, run=_run_init):
+  """Fresh variables of S and D (shapes do not depend on the input size).
+  ``run(fn, rng)`` runs an initialiser: compiled on its own by default."""
   g_rng, d_rng = jax.random.split(rng)
   x = jnp.zeros((1, 33, 33, 3), jnp.float32)
-  g_vars = _run_init(lambda r: generator.init(r, x, train=False), g_rng)
+  g_vars = run(lambda r: generator.init(r, x, train=False), g_rng)
   p = jnp.zeros((1, 64, 64, num_classes), jnp.float32)
-  d_vars = _run_init(lambda r: discriminator.init(r, p), d_rng)
+  d_vars = run(lambda r: discriminator.init(r, p), d_rng)
   return g_vars, d_vars
 
 
@@ -70,18 +71,50 @@ def build_step(config, generator, discriminator, g_params, unroll_loops: bool = 
 
 def build_training(config, num_classes: int):
   """(generator, discriminator, initial TrainState, un-jitted train_step)."""
-  generator = models.build_generator(config.model, num_classes)
-  discriminator = models.build_discriminator(config.model)
+  generator, discriminator = build_models(config, num_classes)
+  state = initial_state(config, generator, discriminator, num_classes)
+  step_fn = build_step(config, generator, discriminator, state.g_params)
+  return generator, discriminator, state, step_fn
+
+
+def abstract_training(config, num_classes: int):
+  """(generator, discriminator, the initial TrainState's shapes and dtypes as
+  ``jax.ShapeDtypeStruct``s, un-jitted train_step), computing nothing.
+
+  For compiling the step before the state exists (``train.py``): the
+  compiler's transient memory then does not sit on top of the state's.
+  """
+  generator, discriminator = build_models(config, num_classes)
+  state = jax.eval_shape(lambda: _fresh_state(config, generator, discriminator, num_classes,
+                                              run=lambda fn, rng: fn(rng)))
+  step_fn = build_step(config, generator, discriminator, state.g_params)
+  return generator, discriminator, state, step_fn
+
+
+def build_models(config, num_classes: int):
+  """(generator, discriminator) of ``config.model``."""
+  return (models.build_generator(config.model, num_classes),
+          models.build_discriminator(config.model))
+
+
+def initial_state(config, generator, discriminator, num_classes: int):
+  """The TrainState a run starts from: fresh variables (seeded by
+  ``config.seed``), with ``config.init_from``'s weights copied in where name
+  and shape match."""
+  return _fresh_state(config, generator, discriminator, num_classes,
+                      init_from=config.init_from)
+
+
+def _fresh_state(config, generator, discriminator, num_classes, init_from="",
+                 run=_run_init):
   rng = jax.random.PRNGKey(config.seed)
-  g_vars, d_vars = init_variables(config, generator, discriminator, num_classes, rng)
-  if config.init_from:  # .pth or Orbax weights, copied where name and shape match.
-    g_vars, d_vars = convert.load_init_from(config.init_from, g_vars, d_vars)
+  g_vars, d_vars = init_variables(config, generator, discriminator, num_classes, rng, run)
+  if init_from:  # .pth or Orbax weights, copied where name and shape match.
+    g_vars, d_vars = convert.load_init_from(init_from, g_vars, d_vars)
   g_tx, _, d_tx, _ = optimizers(config, g_vars["params"])
-  state = TrainState(
+  return TrainState(
       step=jnp.zeros((), jnp.int32), g_params=g_vars["params"],
       g_batch_stats=g_vars["batch_stats"], d_params=d_vars["params"],
       g_opt_state=g_tx.init(g_vars["params"]),
       d_opt_state=d_tx.init(d_vars["params"]), rng=rng,
       nonfinite_skips=jnp.zeros((), jnp.int32))
-  step_fn = build_step(config, generator, discriminator, g_vars["params"])
-  return generator, discriminator, state, step_fn

@@ -1,5 +1,6 @@
 """``train_and_evaluate(config, workdir)``: the training loop, periodic
 evaluation, checkpoints, metric writers and resume."""
+import functools
 import time
 
 import jax
@@ -7,7 +8,8 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from advsemiseg_jax import allocator, checkpoint, evaluate, faults, metrics, parallel
+from advsemiseg_jax import (allocator, build, checkpoint, evaluate, faults, metrics,
+                            parallel)
 from advsemiseg_jax.build import build_training, init_variables  # noqa: F401 (API)
 from advsemiseg_jax.data import sources, splits, streams
 from advsemiseg_jax.step import uses_discriminator, uses_unlabeled
@@ -32,13 +34,38 @@ class Trainer:
       raise ValueError("loss.lambda_semi or loss.lambda_semi_adv > 0 needs unlabeled "
                        "images, but data.labeled_fraction=1 labels all of them; "
                        "set both lambdas to 0 for a fully supervised run")
-    self.generator, self.discriminator, state, step_fn = build_training(
+    self.generator, self.discriminator, abstract, step_fn = build.abstract_training(
         config, self.source.num_classes)
-    self.state = jax.device_put(state, parallel.replicated(self.mesh))
+    repl = parallel.replicated(self.mesh)
+    # The initial state's shapes, dtypes and shardings: enough to compile the
+    # step and to restore a checkpoint; ``state`` is built when first read.
+    self.abstract_state = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), abstract)
     self.train_step = parallel.jit_train_step(step_fn, self.mesh)
     self.evaluator = evaluate.Evaluator(
         self.generator, self.source, config.data, self.mesh, tta_config=config.tta,
         discriminator=self.discriminator, num_pictures=config.eval_pictures)
+
+  @functools.cached_property
+  def state(self):
+    """The initial TrainState (``build.initial_state``), on the mesh."""
+    state = build.initial_state(self.config, self.generator, self.discriminator,
+                                self.source.num_classes)
+    return jax.device_put(state, parallel.replicated(self.mesh))
+
+  def compile_train_step(self):
+    """The train step compiled for the state's and the batches' shapes,
+    before the state or any batch exists: the compiler's transient memory
+    (0.75 GiB for ResNet-101 on a CPU) does not add to the state's. What it
+    freed is handed back to the system."""
+    batch = streams.train_batch_spec(self.config.data,
+                                     with_unlabeled=uses_unlabeled(self.config.loss),
+                                     with_gt=uses_discriminator(self.config.loss))
+    batch = jax.tree.map(lambda s: jax.ShapeDtypeStruct(
+        s.shape, s.dtype, sharding=parallel.batch_sharded(self.mesh)), batch)
+    compiled = parallel.compile_train_step(self.train_step, self.abstract_state, batch)
+    logging.info("step compiled, free memory released (%s)", allocator.release_free_memory())
+    return compiled
 
   def batches(self, start_step: int):
     return streams.train_batches(
@@ -100,8 +127,10 @@ def _train_and_evaluate(config, workdir: str, preemption):
     from advsemiseg_jax import predict
     return predict.predict(config, workdir)
   trainer = Trainer(config, workdir)  # validate_config creates the workdir
+  # Compiled first, before the state exists (only training runs the step).
+  train_step = trainer.compile_train_step() if config.mode == "train" else None
   mngr = checkpoint.manager(workdir, config.max_to_keep)
-  restored = checkpoint.restore_latest(mngr, trainer.state)
+  restored = checkpoint.restore_latest(mngr, trainer.abstract_state)
   state = trainer.state if restored is None else restored
   start_step = int(jax.device_get(state.step))
   if restored is not None:
@@ -131,15 +160,10 @@ def _train_and_evaluate(config, workdir: str, preemption):
   results = None
   for step in range(start_step, config.num_steps):
     batch = parallel.to_global(next(batches), trainer.mesh)
-    if step == start_step:
-      train_step = parallel.compile_train_step(trainer.train_step, state, batch)
     state, step_metrics = train_step(state, batch)
     # From the first step on (compiled, dispatched), SIGTERM saves a checkpoint;
     # before it, there is nothing new to save and SIGTERM exits at once.
     preemption.armed = True
-    if step == start_step:  # Compiled: give back what compiling used and freed.
-      logging.info("after compiling the step, free memory released (%s)",
-                   allocator.release_free_memory())
     pending.append(step_metrics)
     guard.add(step, step_metrics)
     done = step + 1

@@ -93,7 +93,7 @@ def selected_pixel_accuracy(args, record):
   config = make_config(args, record["fraction"], record["arm"], record["seed"])
   trainer = Trainer(config, record["workdir"])
   mngr = checkpoint.manager(record["workdir"], config.max_to_keep)
-  state = checkpoint.restore_latest(mngr, trainer.state)
+  state = checkpoint.restore_latest(mngr, trainer.abstract_state)
   mngr.close()
 
   @jax.jit

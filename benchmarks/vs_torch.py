@@ -105,6 +105,7 @@ def jax_worker(args):
   parallel.set_default_xla_flags(bool(args.xla_cpu_tuning))
   import jax
   from benchmarks import train_step as ts
+  from advsemiseg_jax import build
   from advsemiseg_jax.config import load_config
   jax.devices()   # The backend started: part of the libraries' cost.
   stages = resident({}, "libraries")
@@ -116,15 +117,18 @@ def jax_worker(args):
   config.model.remat_stages = remat_stages(args.remat_stages)
   config.loss.semi_start = 0
   mesh = parallel.make_mesh(jax.devices()[:1])
-  state, step_fn = ts.build_state(config, NUM_CLASSES)
-  state = jax.device_put(state, parallel.replicated(mesh))
+  # As main.py: the step compiled from the state's shapes, before the state
+  # exists (build.abstract_training), then the state built.
+  generator, discriminator, abstract, step_fn = build.abstract_training(config, NUM_CLASSES)
   batch = parallel.to_global(make_batch(args.batch, args.size), mesh)
-  resident(stages, "state")
-  step = parallel.compile_train_step(parallel.jit_train_step(step_fn, mesh), state, batch)
+  step = parallel.compile_train_step(parallel.jit_train_step(step_fn, mesh), abstract, batch)
   plan = ts.xla_plan_bytes(step)
   plan = None if math.isnan(plan) else plan   # JSON's null: "-" in the table
   device = jax.devices()[0]
   resident(stages, "compiled")   # What compiling freed goes (main.py does the same).
+  state = build.initial_state(config, generator, discriminator, NUM_CLASSES)
+  state = jax.device_put(state, parallel.replicated(mesh))
+  resident(stages, "state")
   before = peak_rss_bytes()
   reset_peak_rss()   # From here: the steps, without the compilation.
   for line in sys.stdin:
@@ -310,8 +314,9 @@ def main():
     print(stage_table(rows))
 
 
-STAGES = (("libraries", "libraries imported"), ("state", "model, optimisers and batch built"),
-          ("compiled", "step compiled"))
+STAGES = (("libraries", "libraries imported"),
+          ("compiled", "step compiled (JAX: from the state's shapes, before building it)"),
+          ("state", "model, optimisers and batch built"))
 
 
 def stage_table(rows) -> str:

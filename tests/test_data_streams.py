@@ -68,3 +68,20 @@ def test_eval_batches_cover_a_file_val_split(tmp_path):
   assert (batches[1]["label"][1] == 255).all()
   assert (batches[0]["label"][:, 40:] == 255).all()
   assert (batches[0]["label"][:, :40, :60] != 255).any()
+
+
+@pytest.mark.parametrize("with_unlabeled,with_gt", [(True, True), (False, False)])
+def test_train_batch_spec_is_what_the_stream_yields(tmp_path, with_unlabeled, with_gt):
+  """``train_batch_spec``, from which main.py compiles the step before any
+  batch exists, names the keys, shapes and dtypes of ``train_batches``'s
+  batches (one process: the global batch is the local one)."""
+  fake.write_folder(tmp_path, num_train=4, num_val=1, size=(40, 60))
+  cfg = folder_config(tmp_path, crop_size=(24, 40))
+  src = sources.get_source(cfg)
+  lab, unl = splits.make_split(src.splits["train"], cfg)
+  batch = take(streams.train_batches(src, cfg, lab, unl, seed=0, with_unlabeled=with_unlabeled,
+                                     with_gt=with_gt), 1)[0]
+  spec = streams.train_batch_spec(cfg, with_unlabeled=with_unlabeled, with_gt=with_gt)
+  assert spec.keys() == batch.keys()
+  for key, value in batch.items():
+    assert (spec[key].shape, spec[key].dtype) == (value.shape, value.dtype), key

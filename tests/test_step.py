@@ -286,3 +286,30 @@ def test_sequential_passes_auto_is_on_for_a_cpu_only(quick_config, monkeypatch):
   quick_config.optim.sequential_passes = False
   build.build_training(quick_config, quick_config.data.num_classes)
   assert seen == [jax.default_backend() == "cpu", False]
+
+
+def test_step_compiled_from_the_abstract_state_runs_on_the_built_one(quick_config):
+  """``build.abstract_training`` describes, without computing it, the state
+  that ``build.initial_state`` builds (main.py compiles the step from it
+  before the state exists), and the step compiled from it gives what the
+  step compiled from the built state gives."""
+  from advsemiseg_jax import build
+  k = quick_config.data.num_classes
+  generator, discriminator, abstract, step_fn = build.abstract_training(quick_config, k)
+  state = build.initial_state(quick_config, generator, discriminator, k)
+  assert jax.tree.structure(abstract) == jax.tree.structure(state)
+  for a, b in zip(jax.tree.leaves(abstract), jax.tree.leaves(state)):
+    assert isinstance(a, jax.ShapeDtypeStruct)
+    assert (a.shape, a.dtype) == (b.shape, b.dtype)
+  _, _, want_state, _ = build.build_training(quick_config, k)
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(want_state)):
+    np.testing.assert_array_equal(a, b)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  batch = parallel.to_global(fixed_batch(quick_config.data.batch_size, 32), mesh)
+  jitted = parallel.jit_train_step(step_fn, mesh)
+  from_abstract = parallel.compile_train_step(jitted, abstract, batch)
+  from_state = parallel.compile_train_step(jitted, state, batch)
+  got, _ = from_abstract(jax.device_put(state, parallel.replicated(mesh)), batch)
+  want, _ = from_state(jax.device_put(want_state, parallel.replicated(mesh)), batch)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(a, b)

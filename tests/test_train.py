@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _final_params(config, workdir):
   trainer = Trainer(config, str(workdir))
   mngr = checkpoint.manager(str(workdir), 5)
-  state = checkpoint.restore_latest(mngr, trainer.state)
+  state = checkpoint.restore_latest(mngr, trainer.abstract_state)
   mngr.close()
   return jax.device_get(state)
 

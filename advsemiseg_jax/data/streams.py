@@ -101,6 +101,17 @@ def train_batches(source, data_config, labeled_ids, unlabeled_ids, seed: int,
   return with_options(ds, data_config).prefetch(data_config.prefetch).as_numpy_iterator()
 
 
+def train_batch_spec(data_config, with_unlabeled: bool = True, with_gt: bool = True):
+  """The global batch of ``train_batches`` (all processes' rows together) as
+  ``jax.ShapeDtypeStruct``s, for compiling the step before any batch exists."""
+  gb, (h, w) = data_config.batch_size, tuple(data_config.crop_size)
+  image = jax.ShapeDtypeStruct((gb, h, w, 3), np.float32)
+  label = jax.ShapeDtypeStruct((gb, h, w), np.int32)
+  return {"image": image, "label": label,
+          **({"unlabeled_image": image} if with_unlabeled else {}),
+          **({"gt_label": label} if with_gt else {})}
+
+
 def eval_batches(source, data_config, split_name: str = "val"):
   """Host-local numpy batches covering ``split_name`` once, in order.
 
