@@ -127,9 +127,13 @@ def _train_and_evaluate(config, workdir: str, preemption):
     from advsemiseg_jax import predict
     return predict.predict(config, workdir)
   trainer = Trainer(config, workdir)  # validate_config creates the workdir
-  # Compiled first, before the state exists (only training runs the step).
-  train_step = trainer.compile_train_step() if config.mode == "train" else None
   mngr = checkpoint.manager(workdir, config.max_to_keep)
+  # Compiled first, before the state exists; only training runs the step,
+  # and a run whose last checkpoint is its last step runs none.
+  latest = mngr.latest_step()
+  train_step = None
+  if config.mode == "train" and (latest is None or latest < config.num_steps):
+    train_step = trainer.compile_train_step()
   restored = checkpoint.restore_latest(mngr, trainer.abstract_state)
   state = trainer.state if restored is None else restored
   start_step = int(jax.device_get(state.step))
@@ -160,6 +164,8 @@ def _train_and_evaluate(config, workdir: str, preemption):
   results = None
   for step in range(start_step, config.num_steps):
     batch = parallel.to_global(next(batches), trainer.mesh)
+    if train_step is None:  # The last step's checkpoint was unreadable.
+      train_step = trainer.compile_train_step()
     state, step_metrics = train_step(state, batch)
     # From the first step on (compiled, dispatched), SIGTERM saves a checkpoint;
     # before it, there is nothing new to save and SIGTERM exits at once.
