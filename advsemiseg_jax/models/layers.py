@@ -224,7 +224,7 @@ def _batch_norm_act_then_fwd(then, x, scale, bias, then_params, epsilon, norm2):
   if norm2 is None:
     return (z, mean, var), (saved, None)
   scale2, bias2, residual = norm2
-  (out, mean2, var2), (_, out, _, _, _, var_used2, residual_like) = _batch_norm_act_fwd(
+  (out, mean2, var2), (_, _, _, _, _, var_used2, residual_like) = _batch_norm_act_fwd(
       z, scale2, bias2, residual, True, epsilon)
   return (out, mean, var, mean2, var2), (saved, (out, scale2, mean2, var2, var_used2,
                                                  residual_like))
