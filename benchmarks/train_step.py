@@ -265,25 +265,29 @@ def describe_machine() -> str:
 
 
 def compile_step(config, batch_size: int, size):
-  """(state, batch, un-jitted step, compiled, seconds to lower and compile)
-  for ``batch_size`` synthetic images of ``size``."""
+  """((generator, discriminator), batch, un-jitted step, compiled, seconds to
+  lower and compile) for ``batch_size`` synthetic images of ``size``. As
+  main.py does, the step is compiled from the state's shapes
+  (``build.abstract_training``), before the state exists."""
   mesh = parallel.make_mesh()
-  state, step_fn = build_state(config, config.data.num_classes)
-  state = jax.device_put(state, parallel.replicated(mesh))
+  generator, discriminator, abstract, step_fn = build.abstract_training(
+      config, config.data.num_classes)
   batch = parallel.to_global(synthetic_batch(config, batch_size, size), mesh)
   jitted = parallel.jit_train_step(step_fn, mesh)
   start = time.perf_counter()
-  compiled = jitted.lower(state, batch).compile()
-  return state, batch, step_fn, compiled, time.perf_counter() - start
+  compiled = jitted.lower(abstract, batch).compile()
+  return (generator, discriminator), batch, step_fn, compiled, time.perf_counter() - start
 
 
 def measure(config, batch_size: int, size, steps: int, warmup: int, profile_steps: int = 0):
   """Compiles and times the step; returns a dict of the measurements (with
   ``profile_steps``: also op_profile's summary of that many more steps)."""
-  state, batch, step_fn, compiled, compile_s = compile_step(config, batch_size, size)
+  (generator, discriminator), batch, step_fn, compiled, compile_s = compile_step(
+      config, batch_size, size)
+  state = build.initial_state(config, generator, discriminator, config.data.num_classes)
+  state = jax.device_put(state, parallel.replicated(parallel.make_mesh()))
   step_jaxpr = jax.make_jaxpr(step_fn)(state, batch).jaxpr
   analytic, in_bounds = jaxpr_flops(step_jaxpr), jaxpr_flops(step_jaxpr, in_bounds=True)
-  generator = models.build_generator(config.model, config.data.num_classes)
   image = jnp.zeros((1,) + tuple(size) + (3,))
   g_forward = jaxpr_flops(jax.make_jaxpr(lambda v: generator.apply(v, image))(
       {"params": state.g_params, "batch_stats": state.g_batch_stats}).jaxpr)
