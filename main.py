@@ -64,8 +64,7 @@ def main(argv):
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")  # tf.data only; leave GPUs to JAX.
   from advsemiseg_jax import parallel
-  parallel.set_default_xla_flags(FLAGS.xla_cpu_tuning)  # Before JAX's backend starts.
-  parallel.set_cpu_inline_execution()  # One step's buffers at a time on a CPU.
+  parallel.prepare_cpu_backend(FLAGS.xla_cpu_tuning)  # Before JAX's backend starts.
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id, auto=FLAGS.multihost)
   from advsemiseg_jax import train

@@ -67,6 +67,16 @@ def set_cpu_inline_execution(environ=os.environ) -> bool:
   return True
 
 
+def prepare_cpu_backend(xla_cpu_tuning: bool = True, environ=os.environ) -> dict:
+  """What ``main.py`` sets before JAX's backend starts, in one call, so that the
+  benchmarks measure the step ``main.py`` runs: ``set_default_xla_flags``
+  (``xla_cpu_tuning=False`` adds none) and ``set_cpu_inline_execution``.
+  Returns ``{"xla_flags": ..., "inline": ...}``, what each of them returned.
+  Both leave what the user set in the environment as it is."""
+  return dict(xla_flags=set_default_xla_flags(xla_cpu_tuning),
+              inline=set_cpu_inline_execution(environ))
+
+
 def initialize_distributed(coordinator_address: str = "", num_processes: int = 0,
                            process_id: int = -1, auto: bool = False) -> bool:
   """``jax.distributed.initialize`` for multi-host runs (one process per host).

@@ -336,8 +336,7 @@ def main(argv=None):
   parser.add_argument("--xla_cpu_tuning", type=int, default=1,
                       help="1: add parallel.CPU_XLA_FLAGS (as main.py does)")
   args = parser.parse_args(argv)
-  parallel.set_default_xla_flags(bool(args.xla_cpu_tuning))
-  parallel.set_cpu_inline_execution()  # As main.py.
+  parallel.prepare_cpu_backend(bool(args.xla_cpu_tuning))  # As main.py.
 
   config = load_config(args.config)
   config.unlock()

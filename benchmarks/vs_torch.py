@@ -102,8 +102,7 @@ def torch_worker(args):
 def jax_worker(args):
   """As ``torch_worker``, for the JAX step (compiled before the first answer)."""
   from advsemiseg_jax import parallel
-  parallel.set_default_xla_flags(bool(args.xla_cpu_tuning))
-  parallel.set_cpu_inline_execution()  # As main.py.
+  parallel.prepare_cpu_backend(bool(args.xla_cpu_tuning))  # As main.py.
   import jax
   from benchmarks import train_step as ts
   from advsemiseg_jax import build
