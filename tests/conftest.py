@@ -17,6 +17,32 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
+# The suite checks values, not speed: XLA compiles the tests' programs with
+# LLVM's optimisations off. The HLO (what the tests' memory plans and values
+# come from) is the same; the tiny models' train steps, most of the suite's
+# time, compile 2-2.5x faster (demo.py:quick's step: 15-19 s -> 7-9 s) and
+# run about 3x slower (0.03 -> 0.08 s). ADVSEMISEG_TEST_LLVM_OPT=1, or these
+# flags' names in XLA_FLAGS, keep XLA's defaults.
+FAST_COMPILE_XLA_FLAGS = ("--xla_backend_optimization_level=0",
+                          "--xla_llvm_disable_expensive_passes=true")
+# XLA's own values of those flags, as compiler options: for a test that
+# compares values with a compile at XLA's defaults (what a user runs).
+XLA_LLVM_DEFAULTS = {"xla_backend_optimization_level": 3,
+                     "xla_llvm_disable_expensive_passes": False}
+
+
+def xla_flags(flags: str = "") -> str:
+  """``flags`` plus the suite's compile flags that it does not name: the
+  ``XLA_FLAGS`` for a test's subprocess that sets flags of its own."""
+  if os.environ.get("ADVSEMISEG_TEST_LLVM_OPT") == "1":
+    return flags
+  for flag in FAST_COMPILE_XLA_FLAGS:
+    if flag.split("=")[0] not in flags:
+      flags = f"{flags} {flag}".strip()
+  return flags
+
+
+os.environ["XLA_FLAGS"] = xla_flags(os.environ.get("XLA_FLAGS", ""))
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

@@ -27,6 +27,7 @@ from advsemiseg_jax import parallel
 from advsemiseg_jax.config import load_config
 from advsemiseg_jax.train import build_training
 
+from conftest import xla_flags
 from test_step import PARITY_LR_G, assert_same_updates, fixed_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,7 +102,7 @@ def single_process_run():
 def test_two_processes_equal_one(tmp_path):
   address = f"localhost:{free_port()}"
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-  env.pop("XLA_FLAGS", None)  # One CPU device per process.
+  env["XLA_FLAGS"] = xla_flags()  # One CPU device per process.
   procs = []
   for pid in range(2):
     script = PROCESS_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, "tests"),

@@ -16,6 +16,8 @@ from advsemiseg_jax.faults import NONFINITE_G_GRAD, NONFINITE_LOSS
 from advsemiseg_jax.step import TrainState
 from advsemiseg_jax.train import build_training, train_and_evaluate
 
+from conftest import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -195,7 +197,7 @@ def test_all_finite_flags_nan_and_inf_under_jit(flags):
   any float leaf, True for large finite values, bfloat16 leaves, integer
   leaves and no leaves; with XLA's CPU defaults (the tests') and with the
   YNNPACK fusions that main.py turns on, which run the sums."""
-  env = dict(os.environ, XLA_FLAGS="")
+  env = dict(os.environ, XLA_FLAGS=xla_flags())
   out = subprocess.run([sys.executable, "-c", _ALL_FINITE_CHECK, flags], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
   assert "ALL_FINITE_OK" in out.stdout, out.stderr[-3000:]

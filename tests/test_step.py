@@ -12,7 +12,7 @@ from advsemiseg_jax import parallel
 from advsemiseg_jax.data import demo
 from advsemiseg_jax.data.ops import RGB_MEAN
 from advsemiseg_jax.train import build_training
-from conftest import hlo_instructions
+from conftest import hlo_instructions, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -179,7 +179,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
 
 
 def test_eight_devices_equal_one_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"),
              JAX_PLATFORMS="cpu")
   script = SHARDED_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, "tests"),
                                  lr_g=PARITY_LR_G)

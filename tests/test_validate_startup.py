@@ -10,6 +10,8 @@ import pytest
 from advsemiseg_jax.config import base_config
 from advsemiseg_jax.validate import ConfigError, validate_config
 
+from conftest import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -36,7 +38,7 @@ def test_main_rejects_each_bad_value_with_one_line_naming_the_key(tmp_path):
       "crop": (["--config.data.crop_size=(20, 20)"], None,
                "config error: data.crop_size=(20, 20): both sides must be >= 32"),
       "devices": (["--config.data.batch_size=3"],
-                  {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+                  {"XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=2")},
                   "config error: data.batch_size=3 is not divisible by the 2 devices"),
       "classes": (["--config.data.name=voc", f"--config.data.root={tmp_path}",
                    "--config.data.num_classes=5"], None,
