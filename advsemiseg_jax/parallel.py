@@ -22,6 +22,15 @@ CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=+eltwise,+dot,-individu
 CPU_XLA_FLAGS_CHECKED_FROM = (0, 10)
 
 
+def merged_xla_flags(current: str, flags) -> str:
+  """``current`` (an ``XLA_FLAGS`` string) plus each of ``flags`` whose name
+  it does not already set: a flag the user set keeps the user's value."""
+  for flag in flags:
+    if flag.split("=")[0] not in current:
+      current = f"{current} {flag}".strip()
+  return current
+
+
 def set_default_xla_flags(enable: bool = True) -> str:
   """Adds ``CPU_XLA_FLAGS`` to ``XLA_FLAGS`` (call before JAX's first
   computation: XLA reads the variable when its backend starts).
@@ -33,9 +42,7 @@ def set_default_xla_flags(enable: bool = True) -> str:
   current = os.environ.get("XLA_FLAGS", "")
   version = tuple(int(v) for v in jaxlib.__version__.split(".")[:2])
   if enable and version >= CPU_XLA_FLAGS_CHECKED_FROM:
-    for flag in CPU_XLA_FLAGS:
-      if flag.split("=")[0] not in current:
-        current = f"{current} {flag}".strip()
+    current = merged_xla_flags(current, CPU_XLA_FLAGS)
     os.environ["XLA_FLAGS"] = current
   return current
 

@@ -36,10 +36,8 @@ def xla_flags(flags: str = "") -> str:
   ``XLA_FLAGS`` for a test's subprocess that sets flags of its own."""
   if os.environ.get("ADVSEMISEG_TEST_LLVM_OPT") == "1":
     return flags
-  for flag in FAST_COMPILE_XLA_FLAGS:
-    if flag.split("=")[0] not in flags:
-      flags = f"{flags} {flag}".strip()
-  return flags
+  from advsemiseg_jax.parallel import merged_xla_flags   # After the cache's variables.
+  return merged_xla_flags(flags, FAST_COMPILE_XLA_FLAGS)
 
 
 os.environ["XLA_FLAGS"] = xla_flags(os.environ.get("XLA_FLAGS", ""))
