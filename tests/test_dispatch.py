@@ -62,48 +62,51 @@ def _run_chain(tmp_path, async_dispatch=None, preload=None):
   return json.loads(out.stdout.splitlines()[-1])
 
 
-def test_inline_execution_is_set_unless_the_user_chose():
+ASYNC_DISPATCH = "jax_cpu_enable_async_dispatch"
+
+
+@pytest.fixture
+def async_dispatch_before():
+  """JAX's async-dispatch setting before the test, restored after it."""
   import jax
-  name = "jax_cpu_enable_async_dispatch"
-  before = jax.config.read(name)
-  try:
-    assert not parallel.set_cpu_inline_execution(
-        {parallel.CPU_ASYNC_DISPATCH_ENV: "1"})
-    assert jax.config.read(name) == before
-    assert parallel.set_cpu_inline_execution({})
-    assert jax.config.read(name) is False
-  finally:
-    jax.config.update(name, before)
+  before = jax.config.read(ASYNC_DISPATCH)
+  yield before
+  jax.config.update(ASYNC_DISPATCH, before)
 
 
-def test_prepare_cpu_backend_sets_both_and_keeps_the_users_choices(monkeypatch):
+def test_inline_execution_is_set_unless_the_user_chose(async_dispatch_before):
+  import jax
+  assert not parallel.set_cpu_inline_execution(
+      {parallel.CPU_ASYNC_DISPATCH_ENV: "1"})
+  assert jax.config.read(ASYNC_DISPATCH) == async_dispatch_before
+  assert parallel.set_cpu_inline_execution({})
+  assert jax.config.read(ASYNC_DISPATCH) is False
+
+
+def test_prepare_cpu_backend_sets_both_and_keeps_the_users_choices(
+    monkeypatch, async_dispatch_before):
   """main.py's and the benchmarks' one call: YNNPACK flags and inline
   execution, each left alone where the user's environment sets it."""
   import jax
   import jaxlib
-  name = "jax_cpu_enable_async_dispatch"
-  before = jax.config.read(name)
   checked = tuple(int(v) for v in jaxlib.__version__.split(".")[:2]) >= (
       parallel.CPU_XLA_FLAGS_CHECKED_FROM)
-  try:
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
-    done = parallel.prepare_cpu_backend(True, {})
-    assert done["inline"] and jax.config.read(name) is False
-    assert done["xla_flags"] == os.environ["XLA_FLAGS"]
-    assert done["xla_flags"].startswith("--xla_force_host_platform_device_count=1")
-    assert all((f in done["xla_flags"]) == checked for f in parallel.CPU_XLA_FLAGS)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+  done = parallel.prepare_cpu_backend(True, {})
+  assert done["inline"] and jax.config.read(ASYNC_DISPATCH) is False
+  assert done["xla_flags"] == os.environ["XLA_FLAGS"]
+  assert done["xla_flags"].startswith("--xla_force_host_platform_device_count=1")
+  assert all((f in done["xla_flags"]) == checked for f in parallel.CPU_XLA_FLAGS)
 
-    jax.config.update(name, before)
-    user = "--xla_cpu_experimental_ynn_fusion_type=+dot"
-    monkeypatch.setenv("XLA_FLAGS", user)
-    done = parallel.prepare_cpu_backend(True, {parallel.CPU_ASYNC_DISPATCH_ENV: "1"})
-    assert done == dict(xla_flags=user, inline=False)
-    assert jax.config.read(name) == before
+  jax.config.update(ASYNC_DISPATCH, async_dispatch_before)
+  user = "--xla_cpu_experimental_ynn_fusion_type=+dot"
+  monkeypatch.setenv("XLA_FLAGS", user)
+  done = parallel.prepare_cpu_backend(True, {parallel.CPU_ASYNC_DISPATCH_ENV: "1"})
+  assert done == dict(xla_flags=user, inline=False)
+  assert jax.config.read(ASYNC_DISPATCH) == async_dispatch_before
 
-    monkeypatch.setenv("XLA_FLAGS", "")
-    assert parallel.prepare_cpu_backend(False, {})["xla_flags"] == ""
-  finally:
-    jax.config.update(name, before)
+  monkeypatch.setenv("XLA_FLAGS", "")
+  assert parallel.prepare_cpu_backend(False, {})["xla_flags"] == ""
 
 
 def test_steps_return_done_inline_and_dispatched_with_the_users_choice(tmp_path):
