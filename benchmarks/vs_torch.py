@@ -13,7 +13,10 @@ configs/voc_reference.py (the same work: two ASPP branches, semi on from step
 0). Each framework lives in its own long-lived worker process; the parent
 alternates single steps between them (torch, JAX, torch, JAX, ...), so load
 from other processes on the machine falls on both alike, and the ratio of the
-medians is more robust than either time. Each worker reports its own maximum
+medians is more robust than either time. A second ratio pairs the steps of
+each round (JAX's step over the torch step just before it) and gives the
+median and range of those per-round ratios: a machine whose speed drifts
+during the run moves both steps of a round alike. Each worker reports its own maximum
 resident set size. One table: machine, load average, both medians and
 spreads, the ratio JAX / torch, peak memory, per JAX precision asked for;
 on a CPU a second one, each worker's resident set by stage (libraries
@@ -34,6 +37,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -296,10 +300,12 @@ def main():
                    + (f" | {gpu_gib(w)}" if on_gpu else ""))
   gpu_columns = (" device peak GiB, whole process | device GiB, steps (torch: allocator "
                  "peak after step 1; JAX: XLA's plan) |") if on_gpu else ""
-  print("| run | median s | min-max s | JAX / torch | peak RSS GiB, whole process | "
-        f"peak RSS GiB, during the steps |{gpu_columns}\n|---|---|---|---|---|---|"
+  print("| run | median s | min-max s | JAX / torch | per round: median (min-max) | "
+        "peak RSS GiB, whole process | "
+        f"peak RSS GiB, during the steps |{gpu_columns}\n|---|---|---|---|---|---|---|"
         + ("---|---|" if on_gpu else ""))
-  print(f"| torch float32 | {med(torch_w):.3f} | {spread(torch_w)} | 1.00 | {gib(torch_w)} |")
+  print(f"| torch float32 | {med(torch_w):.3f} | {spread(torch_w)} | 1.00 | 1.00 | "
+        f"{gib(torch_w)} |")
   rows = [("torch float32", torch_w)]
   for (dtype, seq, rs, flags), w in jax_ws.items():
     name = f"JAX {dtype}" + SEQUENTIAL_PASSES[seq][1]
@@ -309,9 +315,16 @@ def main():
       name += f", XLA_FLAGS `{flags}`"
     rows.append((name, w))
     print(f"| {name} | {med(w):.3f} | {spread(w)} | {med(w) / med(torch_w):.2f} | "
-          f"{gib(w)} |")
+          f"{paired_ratios(w.times, torch_w.times)} | {gib(w)} |")
   if any(w.stages for w in workers):
     print(stage_table(rows))
+
+
+def paired_ratios(times, torch_times) -> str:
+  """"median (min-max)" of ``times[i] / torch_times[i]``: each round's JAX step
+  over the torch step of the same round."""
+  ratios = [t / r for t, r in zip(times, torch_times)]
+  return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
 STAGES = (("libraries", "libraries imported"),

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from conftest import load_benchmark
+
 pytest.importorskip("torch")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OLD_FLAG = "--xla_cpu_experimental_ynn_fusion_type=+eltwise,+dot"
@@ -25,10 +27,16 @@ def test_vs_torch_prints_a_row_per_xla_flags_variant():
   assert [row.split(" | ")[0] for row in rows] == [
       "| torch float32", "| JAX float32", f"| JAX float32, XLA_FLAGS `{OLD_FLAG}`"]
   for row in rows:
-    median, spread, ratio = row.split(" | ")[1:4]
+    median, spread, ratio, per_round = row.split(" | ")[1:5]
     assert float(median) > 0 and re.fullmatch(r"[\d.]+-[\d.]+", spread)
     assert float(ratio) > 0
-  assert rows[0].split(" | ")[3] == "1.00"
+    if row.startswith("| JAX"):
+      # Each round's JAX step over that round's torch step: median (min-max).
+      match = re.fullmatch(r"([\d.]+) \(([\d.]+)-([\d.]+)\)", per_round)
+      assert match, per_round
+      low, mid, high = float(match[2]), float(match[1]), float(match[3])
+      assert 0 < low <= mid <= high
+  assert rows[0].split(" | ")[3:5] == ["1.00", "1.00"]
   # The resident set by stage: torch has no compiled step; every reading > 0.
   stage_rows = {row.split(" | ")[0][2:]: row.strip(" |").split(" | ")[1:]
                 for row in stages.splitlines() if row.startswith("| torch") or row.startswith("| JAX")}
@@ -51,3 +59,14 @@ def test_vs_torch_rejects_an_unknown_sequential_passes_value_at_once():
        "--sequential_passes=0,yes"], capture_output=True, text=True, timeout=60, cwd=ROOT)
   assert out.returncode == 2
   assert "'yes' is none of auto, 0, 1" in out.stderr
+
+
+def test_paired_ratios_pair_each_round():
+  """The per-round ratio divides each JAX step by the torch step of its own
+  round: a machine that slows down mid-run slows both alike, and the ratio
+  of the medians would not show it."""
+  vs_torch = load_benchmark("vs_torch")
+  torch_times = [1.0, 2.0, 4.0]
+  assert vs_torch.paired_ratios([0.9, 1.8, 3.6], torch_times) == "0.90 (0.90-0.90)"
+  assert vs_torch.paired_ratios([1.1, 1.8, 4.0], torch_times) == "1.00 (0.90-1.10)"
+  assert vs_torch.paired_ratios([1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 2.0, 2.0]) == "0.75 (0.50-1.00)"
