@@ -118,19 +118,26 @@ def _graph_read(read, resize):
               str(e).encode())
 
   def fn(index):
-    image, label, err = tf.numpy_function(
-        read_np, [index], (tf.uint8, tf.uint8, tf.string), stateful=False)
-    image.set_shape([None, None, 3])
-    label.set_shape([None, None])
-    err.set_shape([])
-    if resize:
-      image, label = tf.cond(
-          tf.equal(err, b""), lambda: ops.resize_fixed(image, label, resize),
-          lambda: (tf.zeros(tuple(resize) + (3,), tf.uint8),
-                   tf.zeros(tuple(resize), tf.uint8)))
-    return image, label, err
+    return _read_in_graph(read_np, [index], resize)
 
   return fn
+
+
+def _read_in_graph(read_np, inputs, resize):
+  """(image, label, error message) from the Python reader ``read_np(*inputs)``
+  as graph tensors of known rank; with ``resize``, the pair resized to it,
+  or zeros of that size where the reader reported an error."""
+  image, label, err = tf.numpy_function(
+      read_np, inputs, (tf.uint8, tf.uint8, tf.string), stateful=False)
+  image.set_shape([None, None, 3])
+  label.set_shape([None, None])
+  err.set_shape([])
+  if resize:
+    image, label = tf.cond(
+        tf.equal(err, b""), lambda: ops.resize_fixed(image, label, resize),
+        lambda: (tf.zeros(tuple(resize) + (3,), tf.uint8),
+                 tf.zeros(tuple(resize), tf.uint8)))
+  return image, label, err
 
 
 def _checked(image, label, err):
@@ -545,18 +552,7 @@ def tfds_examples(data_config, split: str) -> Examples:
 
   def read(resize):
     def fn(i, ex):
-      image, label, err = tf.numpy_function(
-          check_np, [ex[cfg.image_key], ex[cfg.label_key], i],
-          (tf.uint8, tf.uint8, tf.string), stateful=False)
-      image.set_shape([None, None, 3])
-      label.set_shape([None, None])
-      err.set_shape([])
-      if resize:
-        image, label = tf.cond(
-            tf.equal(err, b""), lambda: ops.resize_fixed(image, label, resize),
-            lambda: (tf.zeros(tuple(resize) + (3,), tf.uint8),
-                     tf.zeros(tuple(resize), tf.uint8)))
-      return image, label, err
+      return _read_in_graph(check_np, [ex[cfg.image_key], ex[cfg.label_key], i], resize)
     return ds.take(count).enumerate().map(fn, num_parallel_calls=tf.data.AUTOTUNE,
                                           deterministic=True)
 
