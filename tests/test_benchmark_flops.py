@@ -90,25 +90,6 @@ def test_unrolled_loops_are_the_same_step(bench, quick_config):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_compile_only_fills_the_persistent_compilation_cache(tmp_path):
-  """``--compile_only`` (gpu_check.sh's phase 1) compiles the step into
-  JAX_COMPILATION_CACHE_DIR and stops before any step runs."""
-  import os
-  import subprocess
-  import sys
-  from conftest import ROOT
-  cache = tmp_path / "xla_cache"
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PLATFORMS="cpu")
-  command = [sys.executable, str(ROOT / "benchmarks" / "train_step.py"),
-             "--config=configs/demo.py:quick", "--size=33", "--batch=1", "--compile_only",
-             "--xla_cpu_tuning=0"]
-  first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-  assert f"persistent compilation cache: {cache}" in first.stdout, first.stdout
-  assert "step time" not in first.stdout   # nothing was run
-  steps = [p for p in os.listdir(cache) if p.startswith("jit_train_step")]
-  assert len(steps) == 1, os.listdir(cache)
-
-
 def test_set_parses_values_in_the_fields_type(bench, quick_config):
   """train_step.py --set: a value takes the type of the field it replaces;
   an unset placeholder (optim.sequential_passes, auto) takes true, false or
@@ -123,3 +104,63 @@ def test_set_parses_values_in_the_fields_type(bench, quick_config):
   assert bench.parse_value("False", None) is False
   with pytest.raises(ValueError, match="'maybe'"):
     bench.parse_value("maybe", None)
+
+
+def test_table_units_fit_small_and_large_models(bench):
+  """A ResNet-101 step reads as before (T), a tiny one does not read 0.000."""
+  assert bench.scaled(0.5384e12) == "0.538 T"
+  assert bench.scaled(0.119e9) == "0.119 G"
+  assert bench.scaled(8.9e6, 1) == "8.9 M"
+  assert bench.scaled(38.72e9, 1) == "38.7 G"
+  assert bench.gib(1.48 * 2**30) == "1.48 GiB"
+  assert bench.gib(3.5 * 2**20) == "3.5 MiB"
+
+
+def test_compile_only_then_the_table_from_the_cache(tmp_path):
+  """gpu_check.sh's two phases on the tiny model. ``--compile_only`` compiles
+  the step into JAX_COMPILATION_CACHE_DIR and stops before any step runs;
+  a second run loads that step from the cache and prints every row of the table, in the units a small model needs, with
+  the closed form's note where conv_impl=dot skips the ASPP's padding taps
+  (at 33x33 most of them)."""
+  import os
+  import re
+  import subprocess
+  import sys
+  from conftest import ROOT
+  cache = tmp_path / "xla_cache"
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PLATFORMS="cpu",
+             TF_CPP_MIN_LOG_LEVEL="2")
+  command = [sys.executable, str(ROOT / "benchmarks" / "train_step.py"),
+             "--config=configs/demo.py:quick", "--size=33", "--batch=2", "--xla_cpu_tuning=0"]
+  first = subprocess.run(command + ["--compile_only"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, check=True)
+  assert f"persistent compilation cache: {cache}" in first.stdout, first.stdout
+  assert "step time" not in first.stdout   # nothing was run
+  steps = lambda: sorted(p for p in os.listdir(cache) if p.startswith("jit_train_step"))
+  compiled = steps()
+  assert len(compiled) == 1, os.listdir(cache)
+
+  # JAX_LOG_COMPILES: JAX logs each persistent cache hit as a warning.
+  out = subprocess.run(command + ["--steps=2", "--warmup=1"], cwd=ROOT,
+                       env=dict(env, JAX_LOG_COMPILES="1"), capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "Persistent compilation cache hit for 'jit_train_step'" in out.stderr, out.stderr[-3000:]
+  assert steps() == compiled
+  rows = dict(re.findall(r"^\| (.+?) +\| (.*) \|$", out.stdout, re.M))
+  for key in ("machine", "compile", "step time, median", "images/s (labeled)",
+              "FLOPs/step, analytic, all taps", "FLOPs/step, analytic, in-bounds taps",
+              "FLOPs/step, XLA cost analysis", "G forward per image, closed form", "achieved",
+              "memory, XLA estimate (args+temp+out)", "loss_g after the last step"):
+    assert key in rows, (key, out.stdout)
+  assert "batch 2, 33x33, backbone tiny" in rows["step"]
+  assert float(rows["step time, median"].split()[0]) > 0
+  for key in ("FLOPs/step, analytic, all taps", "FLOPs/step, analytic, in-bounds taps",
+              "FLOPs/step, XLA cost analysis"):
+    value, prefix = rows[key].split()[:2]
+    assert float(value) >= 0.1 and prefix in ("k", "M", "G"), rows[key]
+  ratio = float(re.search(r"XLA / in-bounds = ([\d.]+)", rows["FLOPs/step, XLA cost analysis"])[1])
+  assert 1.0 <= ratio < 1.2   # elementwise work, a larger share in a tiny model
+  assert "not computed" in rows["G forward per image, closed form"]
+  assert rows["memory, XLA estimate (args+temp+out)"].endswith("MiB")
+  assert float(rows["loss_g after the last step"]) > 0
