@@ -48,10 +48,11 @@ class Trainer:
 
   @functools.cached_property
   def state(self):
-    """The initial TrainState (``build.initial_state``), on the mesh."""
+    """The initial TrainState (``build.initial_state``), on the mesh, with
+    JAX's caches cleared of what built it (``parallel.replicate_state``)."""
     state = build.initial_state(self.config, self.generator, self.discriminator,
                                 self.source.num_classes)
-    return jax.device_put(state, parallel.replicated(self.mesh))
+    return parallel.replicate_state(state, self.mesh)
 
   def compile_train_step(self):
     """The train step compiled for the state's and the batches' shapes,

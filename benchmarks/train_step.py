@@ -302,7 +302,7 @@ def measure(config, batch_size: int, size, steps: int, warmup: int, profile_step
   (generator, discriminator), batch, step_fn, compiled, compile_s = compile_step(
       config, batch_size, size, mesh)
   state = build.initial_state(config, generator, discriminator, config.data.num_classes)
-  state = jax.device_put(state, parallel.replicated(mesh))
+  state = parallel.replicate_state(state, mesh)
   step_jaxpr = jax.make_jaxpr(step_fn)(state, batch).jaxpr
   analytic, in_bounds = jaxpr_flops(step_jaxpr), jaxpr_flops(step_jaxpr, in_bounds=True)
   image = jnp.zeros((1,) + tuple(size) + (3,))

@@ -131,7 +131,7 @@ def jax_worker(args):
   device = jax.devices()[0]
   resident(stages, "compiled")   # What compiling freed goes (main.py does the same).
   state = build.initial_state(config, generator, discriminator, NUM_CLASSES)
-  state = jax.device_put(state, parallel.replicated(mesh))
+  state = parallel.replicate_state(state, mesh)
   resident(stages, "state")
   before = peak_rss_bytes()
   reset_peak_rss()   # From here: the steps, without the compilation.

@@ -104,6 +104,22 @@ def test_compiled_step_matches_the_jitted_one_and_empties_jax_caches(quick_confi
     compiled(state, parallel.to_global(fixed_batch(n=2), mesh))
 
 
+def test_replicated_state_leaves_jax_caches_empty(quick_config):
+  """parallel.replicate_state (train.py's initial state): the same values,
+  replicated over the mesh, and JAX's caches emptied of what built the state
+  (an earlier jitted function keeps no executable)."""
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  _, _, state, _ = build_training(quick_config, quick_config.data.num_classes)
+  probe = jax.jit(lambda x: x + 1)
+  probe(np.zeros(3, np.float32))
+  assert probe._cache_size() == 1
+  placed = parallel.replicate_state(state, mesh)
+  assert probe._cache_size() == 0
+  for want, have in zip(jax.tree.leaves(state), jax.tree.leaves(placed)):
+    np.testing.assert_array_equal(have, want)
+    assert have.sharding == parallel.replicated(mesh)
+
+
 def test_semi_switches_on_at_semi_start_without_recompiling(quick_config):
   quick_config.loss.semi_start = 2
   quick_config.loss.t_semi = 0.0          # keep every pixel: L_semi surely non-zero
