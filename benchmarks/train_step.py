@@ -194,7 +194,7 @@ def step_xla_flops(config, state, batch) -> float:
 
 def scaled(value: float, digits: int = 3) -> str:
   """``value`` in the largest of T, G, M and k that leaves at least 0.1 of it
-  ("0.538 T" for a ResNet-101 step, "41.249 G" for a tiny one), so that a
+  ("0.538 T" for a ResNet-101 step, "0.119 G" for the tiny one at 33x33), so that a
   small model's row does not read 0.000."""
   for prefix, unit in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
     if abs(value) >= 0.1 * unit:

@@ -14,7 +14,7 @@ configs/voc_reference.py (the same work: two ASPP branches, semi on from step
 alternates single steps between them (torch, JAX, torch, JAX, ...), so load
 from other processes on the machine falls on both alike, and the ratio of the
 medians is more robust than either time. A second ratio pairs the steps of
-each round (JAX's step over the torch step just before it) and gives the
+each round (each JAX step over the torch step of its round) and gives the
 median and range of those per-round ratios: a machine whose speed drifts
 during the run moves both steps of a round alike. Each worker reports its own maximum
 resident set size. One table: machine, load average, both medians and
