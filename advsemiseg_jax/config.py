@@ -159,3 +159,57 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   config = module.get_config(arg)
   config.lock()
   return config
+
+
+TRUE_WORDS, FALSE_WORDS, AUTO_WORDS = ("1", "true", "yes"), ("0", "false", "no"), ("none", "auto")
+
+
+def parse_value(text: str, old, nullable: bool = False):
+  """``text`` in the type of the field value ``old`` it replaces: true/false
+  (1/0, yes/no) for a bool, and also auto (None) for an unset field or one
+  whose schema default is auto (``nullable``, e.g.
+  ``optim.sequential_passes``); comma-separated ints for a tuple
+  (``model.remat_stages=3,4``, empty for none); else ``type(old)(text)``."""
+  word = text.lower()
+  if old is None or isinstance(old, bool):
+    words = TRUE_WORDS + FALSE_WORDS + (AUTO_WORDS if old is None or nullable else ())
+    if word not in words:
+      raise ValueError(f"{text!r} is none of {', '.join(words)}")
+    return None if word in AUTO_WORDS else word in TRUE_WORDS
+  if isinstance(old, (tuple, list)):
+    return tuple(int(v) for v in text.split(",") if v) if text else ()
+  return type(old)(text)
+
+
+def _field(config, key: str):
+  """(the ConfigDict holding ``key``'s field, the field's name, its value)."""
+  *path, name = key.split(".")
+  node = config
+  for part in path:
+    node = node[part]
+  return node, name, node[name]
+
+
+def apply_overrides(config, overrides):
+  """Sets each ``FIELD=VALUE`` of ``overrides`` (``"model.bn_backward=written"``)
+  on ``config``, the value parsed by ``parse_value`` (the benchmarks'
+  ``--set``; main.py takes absl's ``--config.FIELD=VALUE``). A field the
+  config does not have, or a value that does not parse, raises ValueError
+  naming the item."""
+  schema = base_config()
+  for item in overrides:
+    key, eq, value = item.partition("=")
+    if not eq:
+      raise ValueError(f"{item!r}: expected FIELD=VALUE, e.g. model.bn_backward=written")
+    try:
+      node, name, old = _field(config, key)
+    except (KeyError, AttributeError, TypeError):
+      raise ValueError(f"{item!r}: the config has no field {key!r}") from None
+    try:
+      nullable = _field(schema, key)[2] is None
+    except (KeyError, AttributeError, TypeError):
+      nullable = False   # A field that a config file adds to the schema's.
+    try:
+      node[name] = parse_value(value, old, nullable)
+    except (ValueError, TypeError) as error:
+      raise ValueError(f"{item!r}: {error}") from None

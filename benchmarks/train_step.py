@@ -37,37 +37,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from advsemiseg_jax import build, models  # noqa: E402
-from advsemiseg_jax.config import load_config  # noqa: E402
+from advsemiseg_jax.config import apply_overrides, load_config  # noqa: E402,F401  (--set)
 from advsemiseg_jax.step import uses_discriminator, uses_unlabeled  # noqa: E402
 from benchmarks import op_profile  # noqa: E402
 from benchmarks.machine import cpu_model, max_rss_bytes  # noqa: E402
-
-
-TRUE_WORDS, FALSE_WORDS, AUTO_WORDS = ("1", "true", "yes"), ("0", "false", "no"), ("none", "auto")
-
-
-def parse_value(text: str, old):
-  """A ``--set`` value in the type of the field it replaces."""
-  word = text.lower()
-  if old is None:   # An unset placeholder, e.g. optim.sequential_passes (auto).
-    if word not in TRUE_WORDS + FALSE_WORDS + AUTO_WORDS:
-      raise ValueError(f"{text!r}: an unset field takes true, false or auto")
-    return None if word in AUTO_WORDS else word in TRUE_WORDS
-  if isinstance(old, bool):
-    return word in TRUE_WORDS
-  if isinstance(old, (tuple, list)):
-    return tuple(int(v) for v in text.split(",") if v) if text else ()
-  return type(old)(text)
-
-
-def apply_overrides(config, overrides):
-  for item in overrides:
-    key, _, value = item.partition("=")
-    *path, name = key.split(".")
-    node = config
-    for part in path:
-      node = node[part]
-    node[name] = parse_value(value, node[name])
 
 
 def build_state(config, num_classes):

@@ -3,6 +3,7 @@
   python benchmarks/vs_torch.py                         # ResNet-101, 161x161, batch 2
   python benchmarks/vs_torch.py --size=321 --rounds=5
   python benchmarks/vs_torch.py --size=321 --dtypes=float32 --sequential_passes=0,1 --remat_stages=0,1234
+  python benchmarks/vs_torch.py --size=161 --set= --set=model.bn_backward=written   # A/B any config field
   python benchmarks/vs_torch.py --backbone=tiny --width=8 --size=65 --rounds=3   # smoke run
   python benchmarks/vs_torch.py --size=321 --batch=10 --xla_cpu_tuning=0   # one GPU
 
@@ -18,7 +19,9 @@ each round (each JAX step over the torch step of its round) and gives the
 median and range of those per-round ratios: a machine whose speed drifts
 during the run moves both steps of a round alike. Each worker reports its own maximum
 resident set size. One table: machine, load average, both medians and
-spreads, the ratio JAX / torch, peak memory, per JAX precision asked for;
+spreads, the ratio JAX / torch, peak memory, per JAX variant asked for
+(each of ``--dtypes``, ``--sequential_passes``, ``--remat_stages``,
+``--xla_flags`` and ``--set`` multiplies the rows);
 on a CPU a second one, each worker's resident set by stage (libraries
 imported, state built, step compiled, peak during the steps).
 
@@ -110,16 +113,9 @@ def jax_worker(args):
   import jax
   from benchmarks import train_step as ts
   from advsemiseg_jax import build
-  from advsemiseg_jax.config import load_config
   jax.devices()   # The backend started: part of the libraries' cost.
   stages = resident({}, "libraries")
-  config = load_config(os.path.join(ROOT, "configs/voc_reference.py"))
-  config.unlock()
-  config.model.backbone, config.model.width = args.backbone, args.width
-  config.model.compute_dtype, config.model.conv_impl = args.dtype, args.conv_impl
-  config.optim.sequential_passes = SEQUENTIAL_PASSES[args.sequential_passes][0]
-  config.model.remat_stages = remat_stages(args.remat_stages)
-  config.loss.semi_start = 0
+  config = jax_config(args)
   mesh = parallel.make_mesh(jax.devices()[:1])
   # As main.py: the step compiled from the state's shapes, before the state
   # exists (build.abstract_training), then the state built.
@@ -144,6 +140,22 @@ def jax_worker(args):
     else:
       answer(start, before, (device.memory_stats()["peak_bytes_in_use"], plan),
              device.device_kind)
+
+
+def jax_config(args):
+  """A JAX worker's config: configs/voc_reference.py (the authors' work: two
+  ASPP branches), L_semi on from step 0, the model's size and the worker's
+  dtype, conv_impl, sequential passes and remat stages from ``args``, then
+  its ``--set`` overrides."""
+  from advsemiseg_jax.config import apply_overrides, load_config
+  config = load_config(os.path.join(ROOT, "configs/voc_reference.py"))
+  config.model.backbone, config.model.width = args.backbone, args.width
+  config.model.compute_dtype, config.model.conv_impl = args.dtype, args.conv_impl
+  config.optim.sequential_passes = SEQUENTIAL_PASSES[args.sequential_passes][0]
+  config.model.remat_stages = remat_stages(args.remat_stages)
+  apply_overrides(config, args.set.split())
+  config.loss.semi_start = 0
+  return config
 
 
 def torch_device(name: str) -> str:
@@ -249,11 +261,20 @@ def main():
   parser.add_argument("--remat_stages", default="0",
                       help="JAX model.remat_stages as digits (0: none, 3: (3,), 1234: all), "
                            "comma-separated for a row of each")
+  parser.add_argument("--set", action="append", default=None,
+                      help="JAX config overrides, FIELD=VALUE separated by spaces (as "
+                           "train_step.py's --set), e.g. 'model.bn_backward=written'; "
+                           "repeat for a row of each (an empty one keeps the defaults)")
   parser.add_argument("--xla_flags", default="",
                       help="XLA_FLAGS added for the JAX workers ('|' between variants, a row "
                            "of each; an empty variant keeps the defaults), e.g. "
                            "'|--xla_cpu_experimental_ynn_fusion_type=+eltwise,+dot'")
   args = parser.parse_args()
+  if args.worker:
+    args.set = args.set[0] if args.set else ""
+  else:
+    args.set = args.set or [""]
+    check_overrides(parser, args.set)
   for seq in args.sequential_passes.split(","):
     if seq not in SEQUENTIAL_PASSES:
       parser.error(f"--sequential_passes: {seq!r} is none of {', '.join(SEQUENTIAL_PASSES)}")
@@ -266,11 +287,13 @@ def main():
 
   load_before = os.getloadavg()
   torch_w = Worker("torch", args)
-  jax_ws = {(d, seq, rs, flags): Worker(
+  jax_ws = {(d, seq, rs, flags, sets): Worker(
       "jax", args, (f"--dtype={d}", f"--conv_impl={args.conv_impl}",
-                    f"--sequential_passes={seq}", f"--remat_stages={rs}"), flags)
+                    f"--sequential_passes={seq}", f"--remat_stages={rs}", f"--set={sets}"),
+      flags)
             for d in args.dtypes.split(",") for seq in args.sequential_passes.split(",")
-            for rs in args.remat_stages.split(",") for flags in args.xla_flags.split("|")}
+            for rs in args.remat_stages.split(",") for flags in args.xla_flags.split("|")
+            for sets in args.set}
   workers = [torch_w, *jax_ws.values()]
   for _ in range(args.warmup):
     for w in workers:
@@ -307,17 +330,31 @@ def main():
   print(f"| torch float32 | {med(torch_w):.3f} | {spread(torch_w)} | 1.00 | 1.00 | "
         f"{gib(torch_w)} |")
   rows = [("torch float32", torch_w)]
-  for (dtype, seq, rs, flags), w in jax_ws.items():
+  for (dtype, seq, rs, flags, sets), w in jax_ws.items():
     name = f"JAX {dtype}" + SEQUENTIAL_PASSES[seq][1]
     if remat_stages(rs):
       name += f", remat stages {remat_stages(rs)}"
     if flags:
       name += f", XLA_FLAGS `{flags}`"
+    if sets.strip():
+      name += f", `{' '.join(sets.split())}`"
     rows.append((name, w))
     print(f"| {name} | {med(w):.3f} | {spread(w)} | {med(w) / med(torch_w):.2f} | "
           f"{paired_ratios(w.times, torch_w.times)} | {gib(w)} |")
   if any(w.stages for w in workers):
     print(stage_table(rows))
+
+
+def check_overrides(parser, variants):
+  """Fails at start-up, not in a worker once the torch one has started, on a
+  ``--set`` whose field is not in the config or whose value does not parse."""
+  from advsemiseg_jax.config import apply_overrides, load_config
+  config = load_config(os.path.join(ROOT, "configs/voc_reference.py"))
+  for sets in variants:
+    try:
+      apply_overrides(config.copy_and_resolve_references(), sets.split())
+    except ValueError as error:
+      parser.error(f"--set: {error}")
 
 
 def paired_ratios(times, torch_times) -> str:

@@ -90,22 +90,6 @@ def test_unrolled_loops_are_the_same_step(bench, quick_config):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_set_parses_values_in_the_fields_type(bench, quick_config):
-  """train_step.py --set: a value takes the type of the field it replaces;
-  an unset placeholder (optim.sequential_passes, auto) takes true, false or
-  auto, and anything else fails naming the value."""
-  bench.apply_overrides(quick_config, ["optim.sequential_passes=true", "optim.lr_g=0.5",
-                                       "model.remat_stages=3,4", "model.conv_impl=xla"])
-  assert quick_config.optim.sequential_passes is True
-  assert quick_config.optim.lr_g == 0.5
-  assert tuple(quick_config.model.remat_stages) == (3, 4)
-  assert quick_config.model.conv_impl == "xla"
-  assert bench.parse_value("auto", None) is None
-  assert bench.parse_value("False", None) is False
-  with pytest.raises(ValueError, match="'maybe'"):
-    bench.parse_value("maybe", None)
-
-
 def test_table_units_fit_small_and_large_models(bench):
   """A ResNet-101 step reads as before (T), a tiny one does not read 0.000."""
   assert bench.scaled(0.5384e12) == "0.538 T"
