@@ -31,7 +31,9 @@ def resolve_bn_backward(bn_backward: str, backend: str = None) -> str:
   convolution's output in a bottleneck's last BatchNorm, instead of keeping
   them: XLA:CPU keeps twice as many activations with JAX's own) and
   ``autodiff`` elsewhere (faster on GPU, no more memory). Same values up to
-  rounding either way."""
+  rounding either way. ``recompute_act``, never picked by ``auto``, keeps
+  the convolution's output: no convolution runs twice, for more memory
+  (docs/performance.md, Options)."""
   if bn_backward != "auto":
     return bn_backward
   return "recompute" if (backend or jax.default_backend()) == "cpu" else "autodiff"

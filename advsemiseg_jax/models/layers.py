@@ -40,7 +40,8 @@ from advsemiseg_jax import ordering
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 BN_MODES = ("batch_stats", "frozen")
-BN_BACKWARDS = ("written", "autodiff", "recompute")
+BN_BACKWARDS = ("written", "autodiff", "recompute", "recompute_act")
+RECOMPUTED = ("recompute", "recompute_act")   # BatchNorm.backward values with batch_norm_act_then.
 CONV_IMPLS = ("xla", "dot")
 _NHWC = ("NHWC", "HWIO", "NHWC")   # The convolutions' layout, and XLA:CPU's canonical one.
 
@@ -284,6 +285,9 @@ class BatchNorm(nn.Module):
   (``"autodiff"``). With ``"recompute"``, a ReLU output that feeds ``then``
   is not kept, nor is the input of a ``ThenNorm``'s BatchNorm:
   ``batch_norm_act_then`` recomputes them in the backward pass.
+  ``"recompute_act"`` recomputes the ReLU output only and keeps the
+  ``ThenNorm``'s BatchNorm input (a bottleneck's conv3 output), so that no
+  convolution runs twice.
   """
   use_running_average: bool = False
   backward: str = "written"
@@ -305,7 +309,7 @@ class BatchNorm(nn.Module):
                                  relu, self.epsilon))
     if self.backward not in BN_BACKWARDS:
       raise ValueError(f"model.bn_backward must be one of {BN_BACKWARDS}, got {self.backward!r}")
-    if (self.backward == "recompute" and isinstance(then, (nn.Module, ThenNorm)) and relu
+    if (self.backward in RECOMPUTED and isinstance(then, (nn.Module, ThenNorm)) and relu
         and residual is None and not self.is_initializing()):
       y, mean, var = self._recomputed_then(x, scale, bias, then)
     else:
@@ -319,11 +323,13 @@ class BatchNorm(nn.Module):
   def _recomputed_then(self, x, scale, bias, then):
     """``then(relu(self(x)))`` through ``batch_norm_act_then``, a
     ``ThenNorm``'s BatchNorm included when it normalises with batch
-    statistics (its running averages updated here)."""
+    statistics and ``backward`` is ``recompute`` (its running averages
+    updated here); else that BatchNorm follows as a module of its own."""
     conv = then.conv if isinstance(then, ThenNorm) else then
     apply = conv.clone(parent=None).apply
     norm2 = None
-    if isinstance(then, ThenNorm) and not then.norm.use_running_average:
+    if (isinstance(then, ThenNorm) and not then.norm.use_running_average
+        and self.backward == "recompute"):
       params = then.norm.variables["params"]
       norm2 = (params["scale"], params["bias"], then.residual)
     out = batch_norm_act_then(lambda p, y: apply({"params": p}, y), x, scale, bias,
@@ -351,7 +357,8 @@ class ThenNorm:
   """``norm(conv(y), residual=residual, relu=True)``, as a ``BatchNorm``'s
   ``then``: a bottleneck's last convolution and BatchNorm. With
   ``bn_backward=recompute`` neither ``y`` nor ``conv``'s output is kept for
-  the backward pass (``batch_norm_act_then`` with ``norm2``)."""
+  the backward pass (``batch_norm_act_then`` with ``norm2``); with
+  ``recompute_act``, ``y`` is not."""
   conv: nn.Module
   norm: nn.Module
   residual: Any
