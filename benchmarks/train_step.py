@@ -37,7 +37,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from advsemiseg_jax import build, models  # noqa: E402
-from advsemiseg_jax.config import apply_overrides, load_config  # noqa: E402,F401  (--set)
+from advsemiseg_jax.config import apply_overrides, load_config  # noqa: E402
 from advsemiseg_jax.step import uses_discriminator, uses_unlabeled  # noqa: E402
 from benchmarks import op_profile  # noqa: E402
 from benchmarks.machine import cpu_model, max_rss_bytes  # noqa: E402

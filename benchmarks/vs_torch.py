@@ -270,20 +270,19 @@ def main():
                            "of each; an empty variant keeps the defaults), e.g. "
                            "'|--xla_cpu_experimental_ynn_fusion_type=+eltwise,+dot'")
   args = parser.parse_args()
-  if args.worker:
-    args.set = args.set[0] if args.set else ""
-  else:
-    args.set = args.set or [""]
-    check_overrides(parser, args.set)
   for seq in args.sequential_passes.split(","):
     if seq not in SEQUENTIAL_PASSES:
       parser.error(f"--sequential_passes: {seq!r} is none of {', '.join(SEQUENTIAL_PASSES)}")
   if not args.worker:  # Both workers inherit the allocator, as main.py's would.
     allocator.reexec_with_tcmalloc()
+  if args.worker:
+    args.set = args.set[0] if args.set else ""
   if args.worker == "torch":
     return torch_worker(args)
   if args.worker == "jax":
     return jax_worker(args)
+  args.set = args.set or [""]
+  check_overrides(parser, args.set)
 
   load_before = os.getloadavg()
   torch_w = Worker("torch", args)
