@@ -289,13 +289,12 @@ def measure(config, batch_size: int, size, steps: int, warmup: int, profile_step
   # caches cleared, the state, the batch).
   mem_what, mem_bytes = peak_memory_bytes()
   xla_bytes = xla_plan_bytes(compiled)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-  step_jaxpr = jax.make_jaxpr(step_fn)(abstract, batch).jaxpr
+  step_jaxpr = jax.make_jaxpr(step_fn)(state, batch).jaxpr
   analytic, in_bounds = jaxpr_flops(step_jaxpr), jaxpr_flops(step_jaxpr, in_bounds=True)
   image = jnp.zeros((1,) + tuple(size) + (3,))
   g_forward = jaxpr_flops(jax.make_jaxpr(lambda v: generator.apply(v, image))(
       {"params": state.g_params, "batch_stats": state.g_batch_stats}).jaxpr)
-  xla_count = step_xla_flops(config, abstract, batch)
+  xla_count = step_xla_flops(config, state, batch)
   profile = None
   if profile_steps:
     try:
