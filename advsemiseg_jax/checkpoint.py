@@ -26,14 +26,53 @@ class CheckpointMismatchError(ConfigError):
   """The workdir's checkpoint was written by a different model config."""
 
 
-def manager(workdir: str, max_to_keep: int) -> ocp.CheckpointManager:
+def saves_in_background(checkpoint_async=None) -> bool:
+  """``config.checkpoint_async``, or where it is None (auto) whether the
+  devices are not CPUs.
+
+  Orbax's background save first copies the state to host memory, so that
+  the next step may overwrite the donated buffers. Where the devices are
+  CPUs that is a second copy of the whole state in the same memory (0.4 GiB
+  at ResNet-101); an inline save writes from the arrays themselves
+  (docs/performance.md, twenty-fourth session).
+  """
+  if checkpoint_async is None:
+    return jax.default_backend() != "cpu"
+  return bool(checkpoint_async)
+
+
+def write_limit(state, mib: int):
+  """Bytes of ``state`` (arrays or their shapes) that a save may encode at
+  once: ``mib`` MiB, or the largest array's size if that is larger (Orbax
+  refuses an array larger than its limit); None for ``mib == 0`` (no
+  limit)."""
+  if not mib:
+    return None
+  largest = max((int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+                 for leaf in jax.tree.leaves(state)), default=0)
+  return max(int(mib) * 2**20, largest)
+
+
+def _handler(write_bytes=None) -> ocp.StandardCheckpointHandler:
+  if write_bytes is None:
+    return ocp.StandardCheckpointHandler()
+  # Orbax takes the limit in GB (10**9 bytes) and counts it in bytes; the
+  # margin keeps the product's rounding from refusing an array of the limit.
+  return ocp.StandardCheckpointHandler(save_concurrent_gb=(write_bytes + 1024) / 1e9)
+
+
+def manager(workdir: str, max_to_keep: int, checkpoint_async=None,
+            write_bytes=None) -> ocp.CheckpointManager:
   """The manager of ``WORKDIR/checkpoints``, keeping the newest ``max_to_keep``
-  steps; temporary directories of interrupted saves are cleaned up."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                         cleanup_tmp_directories=True)
+  steps; temporary directories of interrupted saves are cleaned up. Saves
+  run in the background as ``saves_in_background(checkpoint_async)`` says
+  and encode at most ``write_bytes`` at once (``write_limit``; None: no
+  limit)."""
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
+      enable_async_checkpointing=saves_in_background(checkpoint_async))
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                               options=options,
-                               item_handlers=ocp.StandardCheckpointHandler())
+                               options=options, item_handlers=_handler(write_bytes))
 
 
 def save(mngr: ocp.CheckpointManager, state, force: bool = False):
@@ -160,13 +199,17 @@ def restore_latest(mngr: ocp.CheckpointManager, state):
 BEST_DIR = "best"
 
 
-def best_manager(workdir: str) -> ocp.CheckpointManager:
+def best_manager(workdir: str, checkpoint_async=None,
+                 write_bytes=None) -> ocp.CheckpointManager:
   """``WORKDIR/checkpoints/best``: the one checkpoint with the highest val mIoU
-  (its metrics are kept in Orbax's metadata, so a resumed run knows the best)."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
-                                         best_fn=lambda m: m["miou"], best_mode="max")
+  (its metrics are kept in Orbax's metadata, so a resumed run knows the best).
+  Saves as ``manager``'s."""
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=1, create=True, best_fn=lambda m: m["miou"], best_mode="max",
+      enable_async_checkpointing=saves_in_background(checkpoint_async))
   return ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, "checkpoints", BEST_DIR)), options=options)
+      os.path.abspath(os.path.join(workdir, "checkpoints", BEST_DIR)), options=options,
+      item_handlers=_handler(write_bytes))
 
 
 def best_miou(mngr: ocp.CheckpointManager):

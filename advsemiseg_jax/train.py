@@ -127,7 +127,9 @@ def _train_and_evaluate(config, workdir: str, preemption):
     from advsemiseg_jax import predict
     return predict.predict(config, workdir)
   trainer = Trainer(config, workdir)  # validate_config creates the workdir
-  mngr = checkpoint.manager(workdir, config.max_to_keep)
+  write_bytes = checkpoint.write_limit(trainer.abstract_state, config.checkpoint_write_mib)
+  mngr = checkpoint.manager(workdir, config.max_to_keep, config.checkpoint_async,
+                            write_bytes)
   # Compiled first, before the state exists; only training runs the step,
   # and a run whose last checkpoint is its last step runs none.
   latest = mngr.latest_step()
@@ -157,7 +159,7 @@ def _train_and_evaluate(config, workdir: str, preemption):
                           if not isinstance(v, dict)})
   report = periodic_actions.ReportProgress(num_train_steps=config.num_steps,
                                            writer=writer)
-  best = checkpoint.best_manager(workdir)
+  best = checkpoint.best_manager(workdir, config.checkpoint_async, write_bytes)
   batches = trainer.batches(start_step)
   pending = []
   guard = faults.NonFiniteGuard(config.nonfinite_policy, mngr)

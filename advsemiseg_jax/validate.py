@@ -72,6 +72,8 @@ def validate_config(config, workdir: str = None):
   _check(config.checkpoint_every > 0 and config.log_every > 0,
          "checkpoint_every and log_every must be positive")
   _check(config.max_to_keep >= 1, "max_to_keep must be >= 1")
+  _check(config.checkpoint_write_mib >= 0,
+         "checkpoint_write_mib must be >= 0 (0: no limit)")
   _check(config.nonfinite_policy in NONFINITE_POLICIES,
          f"nonfinite_policy must be one of {NONFINITE_POLICIES}, "
          f"got {config.nonfinite_policy!r}")

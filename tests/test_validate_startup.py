@@ -78,6 +78,7 @@ def test_main_rejects_each_bad_value_with_one_line_naming_the_key(tmp_path):
     ("data.num_classes", 0, "data.num_classes must be >= 1"),
     ("nonfinite_policy", "warn", "nonfinite_policy must be one of"),
     ("max_to_keep", 0, "max_to_keep must be >= 1"),
+    ("checkpoint_write_mib", -1, "checkpoint_write_mib must be >= 0"),
     ("loss.t_semi", -0.1, r"loss.t_semi must be in \[0, 1\]"),
     ("loss.lambda_semi_adv", -0.5, "loss.lambda_semi_adv must be >= 0"),
     ("data.labeled_fraction", 1.5, r"data.labeled_fraction must be in \(0, 1\]"),
