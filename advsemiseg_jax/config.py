@@ -210,7 +210,9 @@ def apply_overrides(config, overrides):
   on ``config``, the value parsed by ``parse_value`` (the benchmarks'
   ``--set``; main.py takes absl's ``--config.FIELD=VALUE``). A field the
   config does not have, or a value that does not parse, raises ValueError
-  naming the item."""
+  naming the item. A string holds items separated by spaces."""
+  if isinstance(overrides, str):
+    overrides = overrides.split()
   schema = base_config()
   for item in overrides:
     key, eq, value = item.partition("=")

@@ -45,3 +45,10 @@ def test_a_bad_item_is_named(config, item, message):
   with pytest.raises(ValueError, match=message.replace("(", r"\(")):
     apply_overrides(config, [item])
   assert config.to_dict() == before
+
+
+def test_a_string_holds_items_separated_by_spaces(config):
+  apply_overrides(config, "data.batch_size=6  checkpoint_write_mib=0")
+  assert config.data.batch_size == 6 and config.checkpoint_write_mib == 0
+  with pytest.raises(ValueError, match="'model.width': expected FIELD=VALUE"):
+    apply_overrides(config, "model.width")
