@@ -132,8 +132,9 @@ def base_config() -> ml_collections.ConfigDict:
   # At most this many MiB of the state encoded for writing at once (raised to
   # the largest array if that is larger; 0: no limit, Orbax's default). With
   # no limit a save holds an encoded copy of the whole state while it writes.
-  # ResNet-101, CPU: a save's extra memory 0.36 -> 0.05 GiB, its time 1.9 ->
-  # 2.7 s (docs/performance.md, twenty-fourth session).
+  # VOC state (0.36 GiB), CPU, inline: a save's extra memory 0.32 -> 0.08 GiB,
+  # its time 3.2 -> 3.6 s (benchmarks/checkpoint_save.py; docs/performance.md,
+  # twenty-fourth session).
   c.checkpoint_write_mib = 64
   # A non-finite loss or gradient: "stop" ends the run naming the step (the
   # last good checkpoint stays); "skip" drops that update and counts it.
