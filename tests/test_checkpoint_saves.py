@@ -85,8 +85,9 @@ def _save_in_child(tmp_path, background, mib):
 
 
 @pytest.mark.parametrize("background, mib, most_mib, least_mib", [
-    (None, 16, 72, 0),     # the CPU default: inline, 16 MiB encoded at once
-    (None, 1, 72, 0),      # a limit below the largest array (16 MiB) takes it
+    # The CPU default, inline with a limit: 1 MiB, below the largest array,
+    # which is then the limit (Orbax refuses an array larger than its limit).
+    (None, 1, 72, 0),
     (None, 0, None, 90),   # no limit: most of the state encoded at once
     (True, 16, None, 90),  # in the background: Orbax copies the whole state
 ])
