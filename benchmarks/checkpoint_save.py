@@ -13,7 +13,7 @@ background) times one of ``--write_mib`` (``config.checkpoint_write_mib``;
 ``train.py`` does, while a step that donates the state overwrites it. One
 table, tagged with the machine: the extra resident memory of the save over
 what the process held before it (its high-water mark; free memory is handed
-back between variants), the seconds ``save()`` held training up, and the
+back between variants; host memory, on a GPU too), the seconds ``save()`` held training up, and the
 seconds until the checkpoint was finished. The first row of each variant
 kind is not favoured: a warm-up save runs first.
 """

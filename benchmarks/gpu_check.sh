@@ -8,8 +8,8 @@
 # XLA's command buffers (with --profile: every kernel attributed to its op),
 # in bfloat16 with rematerialised layer3 and in bfloat16 with
 # optim.sequential_passes, each in its own process (so each peak memory is its
-# own), and benchmarks/vs_torch.py at the same size and batch; prints their
-# tables. Synthetic batches: no TensorFlow needed.
+# own), benchmarks/vs_torch.py at the same size and batch, and
+# benchmarks/checkpoint_save.py for the config's state; prints their tables. Synthetic batches: no TensorFlow needed.
 #
 # Compiling is most of the time (on an H200 one bf16 step compiled in 53-65 s,
 # remat and sequential passes in over 110 s), and it is host work. So phase 1
@@ -122,4 +122,8 @@ if $PY -c "import torch" 2>/dev/null; then
     --rounds=5 --warmup=2
 fi
 for name in f32 bf16_no_command_buffers bf16_remat3 bf16_sequential; do run_variant "$name"; done
+# A checkpoint save of the config's state: its host memory and time, in the
+# background (the default off a CPU) and inline, with and without a limit.
+echo "=== checkpoint_save at $(( SECONDS - START )) s"
+capped 150 $PY benchmarks/checkpoint_save.py --config="$CONFIG" --write_mib=0,64 --background=1,0
 echo "=== done at $(( SECONDS - START )) s"
