@@ -49,19 +49,18 @@ def random_state(abstract, seed: int = 0):
   return jax.block_until_ready(jax.tree.unflatten(treedef, arrays))
 
 
-def measure(state, step, directory: str, background: bool, write_mib: int, steps: int = 1):
+def measure(state, step, directory: str, background: bool, write_bytes):
   """(state after the step, extra bytes at the high-water mark, seconds in
-  ``save()``, seconds until finished) of one save and ``steps`` donating
-  steps after it."""
-  mngr = checkpoint.manager(directory, 1, background, checkpoint.write_limit(state, write_mib))
+  ``save()``, seconds until finished) of one save that encodes at most
+  ``write_bytes`` at once (None: no limit), and one donating step after it."""
+  mngr = checkpoint.manager(directory, 1, background, write_bytes)
   allocator.release_free_memory()
   before = rss_bytes()
   reset_peak_rss()
   start = time.perf_counter()
   mngr.save(1, args=ocp.args.StandardSave(state), force=True)
   blocked = time.perf_counter() - start
-  for _ in range(steps):
-    state = jax.block_until_ready(step(state))
+  state = jax.block_until_ready(step(state))
   mngr.wait_until_finished()
   finished = time.perf_counter() - start
   extra = peak_rss_bytes() - before
@@ -93,18 +92,18 @@ def main(argv=None):
   negate = jax.jit(lambda s: jax.tree.map(lambda a: -a, s), donate_argnums=0)
   state = jax.block_until_ready(negate(state))
   root = args.dir or tempfile.mkdtemp(prefix="checkpoint_save_")
-  state = measure(state, negate, os.path.join(root, "warmup"), modes[0], mibs[-1])[0]
+  limits = {mib: checkpoint.write_limit(abstract, mib) for mib in mibs}
+  state = measure(state, negate, os.path.join(root, "warmup"), modes[0], limits[mibs[-1]])[0]
 
   rows = []
   for background in modes:
-    for mib in mibs:
+    for mib, limit in limits.items():
       results = []
       for r in range(args.rounds):
         state, *result = measure(state, negate, os.path.join(root, f"{int(background)}_{mib}_{r}"),
-                                 background, mib)
+                                 background, limit)
         results.append(result)
       extra, blocked, finished = np.median(np.asarray(results), axis=0)
-      limit = checkpoint.write_limit(state, mib)
       rows.append((("background" if background else "inline"),
                    "none" if limit is None else f"{limit / 2**20:.0f} MiB",
                    extra / 2**30, blocked, finished))

@@ -9,7 +9,8 @@
 # in bfloat16 with rematerialised layer3 and in bfloat16 with
 # optim.sequential_passes, each in its own process (so each peak memory is its
 # own), benchmarks/vs_torch.py at the same size and batch, and
-# benchmarks/checkpoint_save.py for the config's state; prints their tables. Synthetic batches: no TensorFlow needed.
+# benchmarks/checkpoint_save.py for the config's state; prints their tables.
+# Synthetic batches: no TensorFlow needed.
 #
 # Compiling is most of the time (on an H200 one bf16 step compiled in 53-65 s,
 # remat and sequential passes in over 110 s), and it is host work. So phase 1

@@ -153,7 +153,7 @@ def jax_config(args):
   config.model.compute_dtype, config.model.conv_impl = args.dtype, args.conv_impl
   config.optim.sequential_passes = SEQUENTIAL_PASSES[args.sequential_passes][0]
   config.model.remat_stages = remat_stages(args.remat_stages)
-  apply_overrides(config, args.set.split())
+  apply_overrides(config, args.set)
   config.loss.semi_start = 0
   return config
 
@@ -351,7 +351,7 @@ def check_overrides(parser, variants):
   config = load_config(os.path.join(ROOT, "configs/voc_reference.py"))
   for sets in variants:
     try:
-      apply_overrides(config.copy_and_resolve_references(), sets.split())
+      apply_overrides(config.copy_and_resolve_references(), sets)
     except ValueError as error:
       parser.error(f"--set: {error}")
 
